@@ -86,7 +86,8 @@ class PolicyLossConfig:
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (see aggregation.py)."""
 
     def __post_init__(self) -> None:
-        for name, registry in (("loss", POLICY_LOSSES), ("kl_loss_estimator", KL_ESTIMATORS), ("agg_mode", AGGREGATIONS)):
+        named = (("loss", POLICY_LOSSES), ("kl_loss_estimator", KL_ESTIMATORS), ("agg_mode", AGGREGATIONS))
+        for name, registry in named:
             try:
                 registry.get(getattr(self, name))
             except (UnknownNameError, RegistryError, TypeError) as err:
@@ -143,6 +144,10 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / mask.sum().clamp(min=1)
 
 
+def _zero_masked(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _check_inputs(
     mask: Tensor, required: dict[str, Tensor], optional: dict[str, Tensor | None], cfg: PolicyLossConfig
 ) -> None:
@@ -179,19 +184,16 @@ def _regularizers(
     entropy: Tensor | None,
     metrics: dict[str, Tensor],
 ) -> Tensor | None:
-    """β·KL − entropy_coef·entropy per token ([B, T], masked), or None; fills metrics."""
-    zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+    """β·KL − entropy_coef·entropy per token ([B, T]), or None; fills metrics. Inputs are
+    already zero on masked positions."""
     extra = None
     if kl is None and ref_log_probs is not None:
-        ref = torch.where(mask, ref_log_probs.detach(), log_probs.detach())  # masked: δ = 0
-        kl = kl_estimate(log_probs, ref, cfg.kl_loss_estimator)
+        kl = kl_estimate(log_probs, ref_log_probs.detach(), cfg.kl_loss_estimator)
     if kl is not None:
-        kl = torch.where(mask, kl, zero)
         metrics["kl_loss"] = _masked_mean(kl, mask)
         if cfg.kl_loss_coef > 0:
             extra = cfg.kl_loss_coef * kl
     if entropy is not None:
-        entropy = torch.where(mask, entropy, zero)
         metrics["entropy"] = _masked_mean(entropy, mask)
         if cfg.entropy_coef > 0:
             bonus = -cfg.entropy_coef * entropy
@@ -242,17 +244,18 @@ def policy_loss(
     required = {"log_probs": log_probs, "old_log_probs": old_log_probs, "advantages": advantages}
     optional = {"ref_log_probs": ref_log_probs, "rollout_log_probs": rollout_log_probs, "entropy": entropy, "kl": kl}
     _check_inputs(mask, required, optional, cfg)
-    zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
-    # Sanitise masked positions so nothing non-finite there can reach a gradient.
-    old_log_probs = torch.where(mask, old_log_probs.detach(), log_probs.detach())
-    advantages = torch.where(mask, advantages.detach(), zero)
+    # Zero every input on masked positions first: whatever they held (padding, -inf, NaN),
+    # the loss there is then a finite 0 and `where` sends them an exactly-zero gradient.
+    log_probs, old_log_probs, advantages, ref_log_probs, rollout_log_probs, entropy, kl = (
+        None if t is None else _zero_masked(t, mask)
+        for t in (log_probs, old_log_probs.detach(), advantages.detach(), ref_log_probs, rollout_log_probs, entropy, kl)
+    )
 
     token_loss, stats = POLICY_LOSSES.get(cfg.loss)(log_probs, old_log_probs, advantages, cfg)
     check_shape(token_loss, mask.shape, f"per-token loss of {cfg.loss!r}")
     metrics = {name: _masked_mean(value, mask) for name, value in stats.items()}
     if cfg.tis_high is not None and rollout_log_probs is not None:
-        rollout = torch.where(mask, rollout_log_probs, old_log_probs)
-        weight = tis_weight(old_log_probs, rollout, cfg.tis_low, cfg.tis_high)
+        weight = tis_weight(old_log_probs, rollout_log_probs, cfg.tis_low, cfg.tis_high)
         token_loss = token_loss * weight
         metrics["tis_weight"] = _masked_mean(weight, mask)
     agg = dict(global_token_count=global_token_count, global_seq_count=global_seq_count)

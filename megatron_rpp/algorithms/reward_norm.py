@@ -88,7 +88,8 @@ class RunningRewardNorm:
             raise ValueError(f"clip must be None or > 0, got {clip!r}")
         scale = 1.0 / math.sqrt(max(self.var, self.eps))
         shift = self.mean if self.shift_mean else 0.0
-        out = ((rewards.to(torch.float64) - shift) * scale).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+        dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+        out = ((rewards.to(torch.float64) - shift) * scale).to(dtype)
         return out if clip is None else out.clamp(-clip, clip)
 
     def state_dict(self) -> dict[str, Any]:

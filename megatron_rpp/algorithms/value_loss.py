@@ -58,8 +58,10 @@ def value_loss(
     ):
         raise ValueError(f"clip_range must be None or a finite number > 0, got {clip_range!r}")
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    old_values = torch.where(mask, old_values.detach(), values.detach())
-    returns = torch.where(mask, returns.detach(), values.detach())
+    # zero masked positions first: finite loss there and an exactly-zero gradient via `where`
+    values = torch.where(mask, values, zero)
+    old_values = torch.where(mask, old_values.detach(), zero)
+    returns = torch.where(mask, returns.detach(), zero)
     unclipped = (values - returns).square()
     if clip_range is None:
         token_loss = 0.5 * unclipped

@@ -182,7 +182,8 @@ def test_discounted_returns_skip_holes():
 
 def test_last_token_is_last_mask_one():
     # the reward lands on the last position where the mask is 1, even after a hole
-    out = compute_advantages("reinforce_pp", rewards=t64([2.0]), response_mask=torch.tensor([[1, 1, 0, 1, 0]]), whiten="none")
+    mask = torch.tensor([[1, 1, 0, 1, 0]])
+    out = compute_advantages("reinforce_pp", rewards=t64([2.0]), response_mask=mask, whiten="none")
     assert_close(out.token_rewards, [[0.0, 0.0, 0.0, 2.0, 0.0]])
     assert_close(out.returns, [[2.0, 2.0, 0.0, 2.0, 0.0]])
 
@@ -294,9 +295,8 @@ def test_masked_positions_exactly_zero_even_with_garbage(estimator):
     rewards, mask, group_index, token_kl, values = random_batch(3)
     token_kl = token_kl.masked_fill(mask == 0, float("nan"))
     values = values.masked_fill(mask == 0, float("inf"))
-    out = compute_advantages(
-        rewards, mask, AdvantageConfig(estimator, kl_coef=0.1), group_index=group_index, token_kl=token_kl, values=values
-    )
+    cfg = AdvantageConfig(estimator, kl_coef=0.1)
+    out = compute_advantages(rewards, mask, cfg, group_index=group_index, token_kl=token_kl, values=values)
     for x in (out.advantages, out.returns, out.token_rewards):
         assert torch.isfinite(x).all()
         assert (x[mask == 0] == 0).all()
@@ -353,7 +353,9 @@ def test_no_autograd_graph():
 def test_two_call_styles_agree():
     rewards, mask, group_index, token_kl, _ = random_batch(6)
     kw = dict(kl_coef=0.02, reward_clip=3.0, whiten="mean")
-    a1, r1 = compute_advantages("rloo", rewards=rewards, response_mask=mask, group_index=group_index, token_kl=token_kl, **kw)
+    a1, r1 = compute_advantages(
+        "rloo", rewards=rewards, response_mask=mask, group_index=group_index, token_kl=token_kl, **kw
+    )
     out = compute_advantages(rewards, mask, AdvantageConfig("rloo", **kw), group_index=group_index, token_kl=token_kl)
     assert torch.equal(a1, out.advantages) and torch.equal(r1, out.returns)
 
@@ -396,7 +398,11 @@ def test_default_whitening_per_estimator():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(estimator="nope"), "AdvantageConfig.estimator: unknown advantage estimator 'nope'; valid names: dr_grpo, gae, grpo, reinforce_pp, reinforce_pp_baseline, rloo"),
+        (
+            dict(estimator="nope"),
+            "AdvantageConfig.estimator: unknown advantage estimator 'nope'; "
+            "valid names: dr_grpo, gae, grpo, reinforce_pp, reinforce_pp_baseline, rloo",
+        ),
         (dict(gamma=0.0), r"AdvantageConfig.gamma must be a number in \(0.0, 1.0\]"),
         (dict(gamma=1.5), "AdvantageConfig.gamma"),
         (dict(lam=-0.1), "AdvantageConfig.lam"),
@@ -431,7 +437,9 @@ def test_input_errors():
     with pytest.raises(ValueError, match="'grpo' needs group_index"):
         compute_advantages("grpo", rewards=r, response_mask=m)
     with pytest.raises(ValueError, match="groups of one: \\[5\\]"):
-        compute_advantages("rloo", rewards=t64([1.0, 2.0, 3.0]), response_mask=torch.ones(3, 1), group_index=torch.tensor([4, 4, 5]))
+        compute_advantages(
+            "rloo", rewards=t64([1.0, 2.0, 3.0]), response_mask=torch.ones(3, 1), group_index=torch.tensor([4, 4, 5])
+        )
     with pytest.raises(TypeError, match="group_index must be an integer tensor"):
         compute_advantages("grpo", rewards=r, response_mask=m, group_index=torch.zeros(2))
     with pytest.raises(ValueError, match="'gae' needs values"):
