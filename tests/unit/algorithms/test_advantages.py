@@ -448,3 +448,12 @@ def test_input_errors():
         compute_advantages("gae", rewards=r, response_mask=m, values=torch.zeros(2, 2))
     with pytest.raises(TypeError, match="either cfg or hyperparameter keywords"):
         compute_advantages(r, m, AdvantageConfig(), gamma=0.9)
+
+
+def test_all_keyword_cfg_style():
+    r, m = t64([1.0, 3.0]), torch.ones(2, 2)
+    a = compute_advantages(rewards=r, response_mask=m, cfg=AdvantageConfig(whiten="none"))
+    b = compute_advantages(r, m, AdvantageConfig(whiten="none"))
+    c = compute_advantages(rewards=r, response_mask=m, whiten="none")  # AdvantageConfig defaults otherwise
+    assert torch.equal(a.advantages, b.advantages) and torch.equal(a.advantages, c.advantages)
+    assert_close(a.advantages, [[1.0, 1.0], [3.0, 3.0]])

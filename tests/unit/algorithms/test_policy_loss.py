@@ -265,3 +265,15 @@ def test_input_errors():
         policy_loss(x, x, torch.zeros(2, 3, dtype=torch.long), m)
     with pytest.raises(ValueError, match="global_token_count must be > 0"):
         policy_loss(x, x, x, m, global_token_count=0)
+
+
+def test_metric_keys():
+    log_probs, old, adv, mask, ref, entropy, rollout = _random(3)
+    cfg = PolicyLossConfig(dual_clip=3.0, tis_high=2.0)
+    _, metrics = policy_loss(log_probs, old, adv, mask, cfg, ref_log_probs=ref, entropy=entropy,
+                             rollout_log_probs=rollout)
+    assert set(metrics) == {"pg_loss", "clip_fraction", "dual_clip_fraction", "approx_kl", "kl_loss", "entropy",
+                            "tis_weight"}
+    assert all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
+    _, metrics = policy_loss(log_probs, old, adv, mask)
+    assert set(metrics) == {"pg_loss", "clip_fraction", "dual_clip_fraction", "approx_kl"}
