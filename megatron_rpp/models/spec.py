@@ -1,0 +1,160 @@
+"""ModelSpec: the architecture of a decoder-only LM, read from a HF ``config.json``.
+
+A ModelSpec is what the model provider needs to build a Megatron ``GPTModel``; it is
+produced by the architecture registered under the config's ``architectures[0]``.
+Any config field this project does not implement is an error that names it: a
+silently different model is the worst outcome of a converter.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+class UnsupportedConfigError(ValueError):
+    """A HF config asks for something megatron_rpp does not implement."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture hyperparameters shared by the Llama family (Llama, Qwen2, Qwen3)."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_epsilon: float
+    rotary_base: float
+    rope_scaling: RopeScaling | None
+    tie_word_embeddings: bool
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    #: ``"lm"`` (a language-model head over the vocabulary) or ``"score"`` (a scalar
+    #: head, e.g. a Bradley-Terry reward model).
+    head: str = "lm"
+    num_labels: int = 1
+
+    def rotary_inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies exactly as transformers computes them.
+
+        Shape: [kv_channels / 2] fp32.
+        """
+        dim = self.kv_channels
+        inv_freq = 1.0 / (
+            self.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)
+        )
+        rs = self.rope_scaling
+        if rs is None:
+            return inv_freq
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+
+def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
+    """A HF config as a dict, from a model folder, a ``config.json`` path or a dict."""
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict)
+    p = Path(path_or_dict)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no HF config at {p}")
+    with open(p) as f:
+        return json.load(f)
+
+
+def _rope_scaling(cfg: Mapping[str, Any]) -> RopeScaling | None:
+    rs = cfg.get("rope_scaling")
+    if rs is None:
+        # transformers 5 moves rope settings under rope_parameters.
+        rp = cfg.get("rope_parameters") or {}
+        if rp.get("rope_type", "default") in ("default", None):
+            return None
+        rs = rp
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise UnsupportedConfigError(
+            f"rope_scaling type {kind!r} is not supported (supported: 'default', 'llama3')"
+        )
+    return RopeScaling(
+        factor=float(rs["factor"]),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _rope_theta(cfg: Mapping[str, Any]) -> float:
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    rp = cfg.get("rope_parameters") or {}
+    return float(rp.get("rope_theta", 10000.0))
+
+
+def llama_family_spec(
+    cfg: Mapping[str, Any], *, add_qkv_bias: bool, qk_layernorm: bool, head: str = "lm"
+) -> ModelSpec:
+    """Read the fields shared by Llama/Qwen2/Qwen3 configs, rejecting what we do not build."""
+    arch = (cfg.get("architectures") or ["?"])[0]
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedConfigError(f"{arch}: hidden_act {act!r} is not supported (supported: 'silu')")
+    if cfg.get("attention_bias", False) and not add_qkv_bias:
+        raise UnsupportedConfigError(f"{arch}: attention_bias=true is not supported")
+    if cfg.get("mlp_bias", False):
+        raise UnsupportedConfigError(f"{arch}: mlp_bias=true is not supported")
+    if cfg.get("use_sliding_window", False):
+        raise UnsupportedConfigError(f"{arch}: use_sliding_window=true is not supported")
+    if cfg.get("pretraining_tp", 1) not in (1, None):
+        raise UnsupportedConfigError(f"{arch}: pretraining_tp={cfg['pretraining_tp']} is not supported")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return ModelSpec(
+        architecture=arch,
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=hidden,
+        ffn_hidden_size=int(cfg["intermediate_size"]),
+        num_attention_heads=heads,
+        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+        kv_channels=int(cfg.get("head_dim") or hidden // heads),
+        vocab_size=int(cfg["vocab_size"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        rotary_base=_rope_theta(cfg),
+        rope_scaling=_rope_scaling(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        add_qkv_bias=add_qkv_bias,
+        qk_layernorm=qk_layernorm,
+        head=head,
+        num_labels=int(cfg.get("num_labels", 1)) if head == "score" else 1,
+    )

@@ -1,0 +1,32 @@
+"""Suite-wide settings. Environment variables that must be set before heavy imports live here."""
+import os
+
+# Triton kernels run on CPU tensors only under the interpreter; must be set before `import triton`.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# vLLM on CPU: engine in the calling process, small KV cache, no hub access.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray: no token written under $HOME; gloo inside actors on loopback.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing means nothing runs anyway
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

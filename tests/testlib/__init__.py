@@ -1,0 +1,1 @@
+"""Shared helpers for the test suite (importable as ``testlib`` from spawned ranks too)."""
