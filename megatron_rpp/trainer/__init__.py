@@ -1,0 +1,1 @@
+"""Workers, worker groups and the training loop. Import submodules explicitly."""
