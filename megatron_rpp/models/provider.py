@@ -33,10 +33,16 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.
         raise UnsupportedConfigError(
             f"num_hidden_layers ({spec.num_layers}) must be divisible by pipeline_parallel_size ({groups.pp_size})"
         )
-    if spec.num_attention_heads % groups.tp_size or spec.num_query_groups % groups.tp_size:
+    if spec.megatron_attention_heads % groups.tp_size or spec.megatron_query_groups % groups.tp_size:
         raise UnsupportedConfigError(
             f"tensor_parallel_size ({groups.tp_size}) must divide num_attention_heads "
-            f"({spec.num_attention_heads}) and num_key_value_heads ({spec.num_query_groups})"
+            f"({spec.megatron_attention_heads}) and num_key_value_heads ({spec.megatron_query_groups}); "
+            f"build from spec.for_tp({groups.tp_size}) to pad KV groups"
+        )
+    if spec.vocab_size % groups.tp_size:
+        raise UnsupportedConfigError(
+            f"tensor_parallel_size ({groups.tp_size}) must divide vocab_size ({spec.vocab_size}); "
+            "the vocabulary is not padded"
         )
     if spec.ffn_hidden_size % groups.tp_size:
         raise UnsupportedConfigError(
@@ -47,8 +53,8 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
+        num_attention_heads=spec.megatron_attention_heads,
+        num_query_groups=spec.megatron_query_groups,
         kv_channels=spec.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=spec.norm_epsilon,

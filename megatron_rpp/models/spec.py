@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +53,35 @@ class ModelSpec:
     #: head, e.g. a Bradley-Terry reward model).
     head: str = "lm"
     num_labels: int = 1
+    #: KV groups the Megatron model is built with, when more than ``num_query_groups``
+    #: (see :meth:`for_tp`); None means no padding. Padded groups are appended after the
+    #: real ones with all-zero Q/K/V (and bias) rows and all-zero ``linear_proj`` columns.
+    padded_query_groups: int | None = None
+
+    @property
+    def megatron_query_groups(self) -> int:
+        """KV groups of the Megatron model (real + padding)."""
+        return self.padded_query_groups or self.num_query_groups
+
+    @property
+    def megatron_attention_heads(self) -> int:
+        """Query heads of the Megatron model (real + padding); heads per group is unchanged."""
+        return self.megatron_query_groups * (self.num_attention_heads // self.num_query_groups)
+
+    def for_tp(self, tp: int) -> "ModelSpec":
+        """This spec as built at tensor-parallel size ``tp``.
+
+        When ``tp`` does not divide the KV groups, zero groups (each with its
+        ``num_attention_heads / num_key_value_heads`` query heads) are added up to the next
+        multiple of ``tp``. The padded heads contribute exactly nothing: with zero Q, K and V
+        their attention output is zero, their ``linear_proj`` columns are zero, and every
+        gradient reaching those weights is zero, so they stay zero in training. The HF
+        mapping (``Architecture.to_hf``) drops them. Example: SmolLM2-135M (9 heads, 3 KV
+        groups) at tp=2 is built with 12 heads in 4 groups.
+        """
+        g = self.num_query_groups
+        padded = -(-g // tp) * tp
+        return replace(self, padded_query_groups=padded if padded != g else None)
 
     def rotary_inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies exactly as transformers computes them.

@@ -12,6 +12,9 @@ Layouts (n = heads, g = KV groups (``num_key_value_heads``), d = head dim, h = h
 - Megatron ``linear_fc1.weight`` [2f, h] = [gate; up]; HF gate_proj [f, h], up_proj [f, h].
 - Tied embeddings: HF has no ``lm_head.weight`` (or an identical one); Megatron has no
   ``output_layer.weight``.
+- KV-group padding (``spec.padded_query_groups``, see ``ModelSpec.for_tp``): Megatron has
+  g' > g groups; groups g..g'-1 are zero rows of ``linear_qkv`` and their heads zero
+  columns (the last ones) of ``linear_proj``. HF tensors never contain the padding.
 """
 from __future__ import annotations
 
@@ -88,25 +91,53 @@ def hf_names_for(spec: ModelSpec, name: str) -> list[str]:
 
 
 def fuse_qkv(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """HF q/k/v -> Megatron grouped QKV.
+    """HF q/k/v -> Megatron grouped QKV (zero groups appended when ``spec`` is padded).
 
-    Shape: q [n*d, ...], k [g*d, ...], v [g*d, ...] -> [g*(n/g + 2)*d, ...]
+    Shape: q [n*d, ...], k [g*d, ...], v [g*d, ...] -> [g'*(n/g + 2)*d, ...]  (g' = megatron groups)
     """
     n, g, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
+    gp = spec.megatron_query_groups
     rest = q.shape[1:]
     q = q.reshape(g, (n // g) * d, *rest)
     k = k.reshape(g, d, *rest)
     v = v.reshape(g, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(g * (n // g + 2) * d, *rest)
+    grouped = torch.cat([q, k, v], dim=1)
+    if gp != g:
+        grouped = torch.cat([grouped, grouped.new_zeros(gp - g, *grouped.shape[1:])], dim=0)
+    return grouped.reshape(gp * (n // g + 2) * d, *rest)
 
 
 def split_qkv(spec: ModelSpec, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Megatron grouped QKV -> HF q, k, v (the inverse of :func:`fuse_qkv`)."""
+    """Megatron grouped QKV -> HF q, k, v (the inverse of :func:`fuse_qkv`; padding dropped)."""
     n, g, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
+    gp = spec.megatron_query_groups
+    if qkv.shape[0] != gp * (n // g + 2) * d:
+        raise ValueError(
+            f"linear_qkv has {qkv.shape[0]} rows, spec expects {gp * (n // g + 2) * d} "
+            f"({gp} KV groups); was the model built from spec.for_tp(tp)?"
+        )
     rest = qkv.shape[1:]
-    grouped = qkv.reshape(g, (n // g + 2) * d, *rest)
+    grouped = qkv.reshape(gp, (n // g + 2) * d, *rest)[:g]
     q, k, v = torch.split(grouped, [(n // g) * d, d, d], dim=1)
     return q.reshape(n * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest)
+
+
+def pad_proj(spec: ModelSpec, o_proj: torch.Tensor) -> torch.Tensor:
+    """HF o_proj [h, n*d] -> Megatron linear_proj [h, n'*d] (zero columns for padded heads)."""
+    extra = (spec.megatron_attention_heads - spec.num_attention_heads) * spec.kv_channels
+    if not extra:
+        return o_proj
+    return torch.cat([o_proj, o_proj.new_zeros(o_proj.shape[0], extra)], dim=1)
+
+
+def unpad_proj(spec: ModelSpec, proj: torch.Tensor) -> torch.Tensor:
+    """Megatron linear_proj [h, n'*d] -> HF o_proj [h, n*d]."""
+    want = spec.megatron_attention_heads * spec.kv_channels
+    if proj.shape[1] != want:
+        raise ValueError(
+            f"linear_proj has {proj.shape[1]} columns, spec expects {want}; was the model built from spec.for_tp(tp)?"
+        )
+    return proj[:, : spec.num_attention_heads * spec.kv_channels]
 
 
 def to_megatron(spec: ModelSpec, name: str, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -116,6 +147,8 @@ def to_megatron(spec: ModelSpec, name: str, hf_tensors: list[torch.Tensor]) -> t
     if name.endswith("mlp.linear_fc1.weight"):
         return torch.cat(hf_tensors, dim=0)
     (t,) = hf_tensors
+    if name.endswith("self_attention.linear_proj.weight"):
+        return pad_proj(spec, t)
     return t
 
 
@@ -126,6 +159,8 @@ def to_hf(spec: ModelSpec, name: str, tensor: torch.Tensor) -> list[tuple[str, t
         return list(zip(hf, split_qkv(spec, tensor)))
     if name.endswith("mlp.linear_fc1.weight"):
         return list(zip(hf, tensor.chunk(2, dim=0)))
+    if name.endswith("self_attention.linear_proj.weight"):
+        return [(hf[0], unpad_proj(spec, tensor))]
     return [(hf[0], tensor)]
 
 
