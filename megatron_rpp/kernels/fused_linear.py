@@ -1,0 +1,183 @@
+"""Fused output layer → log-probs: hidden @ weightᵀ never exists as a whole [N, V/tp] tensor.
+
+The logits are produced one (token chunk × vocabulary chunk) tile at a time, reduced by
+the backend's ``row_stats`` to per-row statistics and merged across vocabulary chunks
+exactly like vocabulary shards across TP ranks (:func:`~megatron_rpp.kernels.shard_math.merge_stats`).
+The backward recomputes each tile, turns it into dL/dlogits with the backend's ``grad``
+and feeds it straight into the two matmuls for dL/dhidden and dL/dweight.
+
+Tensor parallelism: ``weight`` is this rank's vocabulary shard of the output layer and
+``hidden`` its full (replicated) input. The per-row statistics travel in one all-gather
+(forward); dL/dhidden is all-reduced over ``tp_group`` in the backward, so this function
+stands for the whole column-parallel output layer, its input copy-to-TP-region included.
+With sequence parallelism, all-gather the hidden states first.
+
+Matmuls run in the inputs' dtype on accelerators and in fp32 on CPU (CPU half-precision
+matmuls are orders of magnitude slower there); the statistics and gradients accumulate in fp32.
+
+Shape letters: N tokens ([...] flattens to N), H hidden, V/tp vocabulary shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_rpp.kernels.backends import resolve_backend
+from megatron_rpp.kernels.log_probs import (
+    LogProbsAndKL,
+    Options,
+    backward_coefficients,
+    check_inputs,
+    combine_across_tp,
+    finish_forward,
+)
+from megatron_rpp.kernels.shard_math import ShardStats, localize_labels, merge_stats, target_logits
+
+__all__ = ["fused_linear_log_probs", "fused_linear_log_probs_and_kl"]
+
+
+def chunk_shape(device: torch.device, n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(token rows, vocabulary columns) of one logits tile."""
+    rows, elements = (1024, 1 << 20) if device.type == "cpu" else (4096, 1 << 25)
+    rows = max(1, min(rows, n_rows))
+    return rows, max(1, min(n_cols, elements // rows))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
+def _tiles(n_rows: int, n_cols: int, rows: int, cols: int):
+    """(c0, c1, [(n0, n1), ...]) per vocabulary chunk: vocabulary outer, tokens inner."""
+    row_ranges = [(n0, min(n0 + rows, n_rows)) for n0 in range(0, n_rows, rows)]
+    for c0 in range(0, n_cols, cols):
+        yield c0, min(c0 + cols, n_cols), row_ranges
+
+
+class _FusedLinearLogProbs(torch.autograd.Function):
+    """(hidden [N, H], weight [V/tp, H], labels [N], ref [N] | None) -> (log_probs, entropy | None, kl | None)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ref_log_probs: Tensor | None, opts: Options):
+        rank, world = opts.tp_rank_and_size()
+        n_rows, shard = hidden.shape[0], weight.shape[0]
+        cd = _compute_dtype(hidden)
+        rows, cols = chunk_shape(hidden.device, n_rows, shard)
+        running: ShardStats | None = None
+        for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
+            w = weight[c0:c1].to(cd)  # [v, H]
+            lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+            entropy = torch.empty_like(lse) if opts.with_entropy else None
+            target = torch.empty_like(lse)
+            for n0, n1 in row_ranges:
+                logits = hidden[n0:n1].to(cd) @ w.T  # [n, H] @ [H, v] -> [n, v]
+                local = localize_labels(labels[n0:n1], rank * shard + c0, c1 - c0)
+                lse[n0:n1], ent = opts.backend.row_stats(logits, opts.temperature, opts.with_entropy)
+                if entropy is not None:
+                    entropy[n0:n1] = ent
+                target[n0:n1] = target_logits(logits, local, opts.temperature)
+            chunk = ShardStats(lse, entropy, target)
+            running = chunk if running is None else _merge_two(running, chunk)
+        stats = combine_across_tp(running, opts)
+        valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, shard * world, opts)
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, labels, valid, stats.lse, stats.entropy, log_probs, ref_log_probs)
+        return log_probs, stats.entropy, kl
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, grad_kl):
+        hidden, weight, labels, valid, lse, entropy, log_probs, ref_log_probs = ctx.saved_tensors
+        opts: Options = ctx.opts
+        coef, coef_entropy, grad_ref = backward_coefficients(
+            opts, valid, log_probs, ref_log_probs, grad_log_probs, grad_entropy, grad_kl, ctx.needs_input_grad[3])
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rank, world = opts.tp_rank_and_size()
+        n_rows, shard = hidden.shape[0], weight.shape[0]
+        cd = _compute_dtype(hidden)
+        rows, cols = chunk_shape(hidden.device, n_rows, shard)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_weight = torch.empty_like(weight) if need_w else None
+        g_buf = torch.empty((rows, cols), dtype=cd, device=hidden.device)
+        for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
+            w = weight[c0:c1].to(cd)  # [v, H]
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            for n0, n1 in row_ranges:
+                h = hidden[n0:n1].to(cd)  # [n, H]
+                logits = h @ w.T  # [n, v]
+                local = localize_labels(labels[n0:n1], rank * shard + c0, c1 - c0)
+                g = opts.backend.grad(logits, local, lse[n0:n1], None if entropy is None else entropy[n0:n1],
+                                      coef[n0:n1], None if coef_entropy is None else coef_entropy[n0:n1],
+                                      opts.temperature, out=g_buf[: n1 - n0, : c1 - c0])  # dL/dlogits [n, v]
+                if need_h:
+                    _add_mm(grad_hidden[n0:n1], g, w)  # [n, v] @ [v, H]
+                if need_w:
+                    _add_mm(gw, g.T, h)  # [v, n] @ [n, H]
+            if need_w:
+                grad_weight[c0:c1] = gw
+        if need_h:
+            if world > 1:  # each rank saw only its vocabulary shard's contribution
+                dist.all_reduce(grad_hidden, group=opts.tp_group)
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, None, grad_ref, None
+
+
+def _merge_two(a: ShardStats, b: ShardStats) -> ShardStats:
+    ent = None if a.entropy is None else torch.stack([a.entropy, b.entropy])
+    return merge_stats(torch.stack([a.lse, b.lse]), ent, torch.stack([a.target, b.target]))  # [2, N] -> [N]
+
+
+def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, accumulating in acc's dtype (fp32)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
+
+
+def _run(hidden, weight, labels, ref_log_probs, *, tp_group, temperature, with_entropy, kl_estimator, kl_clamp):
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise TypeError("hidden must be a floating-point tensor [..., H]")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V/tp, {hidden.shape[-1]}], got {list(getattr(weight, 'shape', []))}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    check_inputs(labels, hidden.shape[:-1], ref_log_probs, temperature, kl_estimator)
+    token_shape = labels.shape
+    opts = Options(tp_group, float(temperature), bool(with_entropy), kl_estimator, float(kl_clamp),
+                   resolve_backend(hidden.device))
+    ref = ref_log_probs.reshape(-1) if ref_log_probs is not None else None
+    log_probs, entropy, kl = _FusedLinearLogProbs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ref, opts)  # [..., H] -> [N, H]
+    return (log_probs.view(token_shape), entropy.view(token_shape) if entropy is not None else None,
+            kl.view(token_shape) if kl is not None else None)
+
+
+def fused_linear_log_probs(hidden: Tensor, weight: Tensor, labels: Tensor, *, tp_group=None,
+                           temperature: float = 1.0, with_entropy: bool = False):
+    """log π(labels) with logits = hidden @ weightᵀ over the TP-sharded vocabulary, never materialised.
+
+    Same semantics as :func:`~megatron_rpp.kernels.vocab_parallel_log_probs` applied to
+    ``hidden @ weight.T``; differentiable with respect to ``hidden`` and ``weight``.
+
+    Shape:
+        hidden [..., H], weight [V/tp, H], labels [...] -> log_probs [...] fp32 (and entropy [...]).
+    """
+    log_probs, entropy, _ = _run(hidden, weight, labels, None, tp_group=tp_group, temperature=temperature,
+                                 with_entropy=with_entropy, kl_estimator=None, kl_clamp=math.inf)
+    return (log_probs, entropy) if with_entropy else log_probs
+
+
+def fused_linear_log_probs_and_kl(hidden: Tensor, weight: Tensor, labels: Tensor, ref_log_probs: Tensor, *,
+                                  kl_estimator: str = "k2", kl_clamp: float = 10.0, tp_group=None,
+                                  temperature: float = 1.0, with_entropy: bool = False) -> LogProbsAndKL:
+    """:func:`fused_linear_log_probs` plus the per-token KL estimate (see ``vocab_parallel_log_probs_and_kl``)."""
+    if not isinstance(ref_log_probs, Tensor):
+        raise TypeError("ref_log_probs must be a tensor")
+    log_probs, entropy, kl = _run(hidden, weight, labels, ref_log_probs, tp_group=tp_group,
+                                  temperature=temperature, with_entropy=with_entropy,
+                                  kl_estimator=kl_estimator, kl_clamp=kl_clamp)
+    return LogProbsAndKL(log_probs, kl, entropy)
