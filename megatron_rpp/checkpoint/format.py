@@ -87,10 +87,10 @@ def tp_rule(name: str) -> tuple[int | None, bool]:
 def split_tp(full: torch.Tensor, tp: int, dim: int | None, gated: bool) -> list[torch.Tensor]:
     """The ``tp`` shards of a full tensor, Megatron's layout (views; no copy).
 
-    Shape: [.., d, ..] -> tp × [.., d/tp, ..] along ``dim``; replicated (``dim`` None) -> [full].
+    Shape: [.., d, ..] -> tp × [.., d/tp, ..] along ``dim``; replicated (``dim`` None) -> tp × full.
     """
     if dim is None or tp == 1:
-        return [full] * (1 if dim is None else tp)
+        return [full] * tp
     if gated:
         gate, up = full.chunk(2, dim=dim)
         return [torch.cat([g, u], dim=dim) for g, u in zip(gate.chunk(tp, dim=dim), up.chunk(tp, dim=dim))]
