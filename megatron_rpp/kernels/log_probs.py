@@ -67,14 +67,19 @@ class Options:
 
 # ---- communication + epilogue shared by both autograd functions ---------------------------
 
+# torch ≥ 2.13 renamed all_gather_into_tensor (deprecated alias kept) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 
 def combine_across_tp(local: ShardStats, opts: Options) -> ShardStats:
     """Exact whole-vocabulary statistics from this rank's: one all-gather over the TP group."""
     packed = pack_stats(local)  # [2|3, N]
     _, world = opts.tp_rank_and_size()
     if world > 1:
-        gathered = packed.new_empty((world, *packed.shape))
-        dist.all_gather_into_tensor(gathered, packed, group=opts.tp_group)
+        gathered = packed.new_empty((world * packed.shape[0], packed.shape[1]))
+        _all_gather_single(gathered, packed, group=opts.tp_group)
+        gathered = gathered.view(world, *packed.shape)  # [tp · (2|3), N] -> [tp, 2|3, N]
     else:
         gathered = packed.unsqueeze(0)
     return merge_stats(*unpack_stats(gathered))  # [tp, 2|3, N] -> [N] each

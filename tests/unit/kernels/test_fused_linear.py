@@ -1,0 +1,88 @@
+"""fused_linear_log_probs against autograd through hidden @ weightᵀ → float64 log-softmax.
+
+Small tiles (monkeypatched) force several token and vocabulary chunks, none dividing the
+data evenly, so the cross-chunk merge and the tiled backward are what is tested.
+Tolerances as in test_log_probs.py; bf16 *inputs* give bf16 gradients (checked at 1e-2
+relative), and CPU computes the tile matmuls in fp32, so values stay fp32-accurate.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_rpp.kernels import fused_linear, fused_linear_log_probs, fused_linear_log_probs_and_kl
+from megatron_rpp.kernels.reference import naive_linear_log_probs, naive_log_probs
+
+N, H, V = 45, 32, 700
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(fused_linear, "chunk_shape", lambda device, n, v: (16, 256))  # 3 × 3 tiles, ragged
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[:6] = torch.tensor([0, V - 1, 255, 256, 511, -100])  # ends, tile edges, padding
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_grads_match_float64(backend, dtype, small_tiles, rel_err):
+    hidden, weight, labels = _inputs(dtype)
+    g = torch.Generator().manual_seed(1)
+    w_lp, w_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    log_probs, entropy = fused_linear_log_probs(h, w, labels, temperature=1.3, with_entropy=True)
+    (w_lp * log_probs + w_ent * entropy).sum().backward()
+
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_lp, ref_ent = naive_linear_log_probs(h64, w64, labels, 1.3, True, dtype=torch.float64)
+    (w_lp * ref_lp + w_ent * ref_ent).sum().backward()
+    torch.testing.assert_close(log_probs.double(), ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_ent, atol=1e-5, rtol=1e-5)
+    assert log_probs[5] == 0  # padding label
+    assert h.grad.dtype == w.grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=0)
+    else:
+        assert rel_err(h.grad, h64.grad) < 1e-2 and rel_err(w.grad, w64.grad) < 1e-2
+
+
+def test_kl_and_leading_dims(small_tiles):
+    hidden, weight, labels = _inputs(torch.float32, seed=2)
+    hidden, labels = hidden[:44].view(4, 11, H), labels[:44].view(4, 11)  # [B, T, H], [B, T]
+    ref_log_probs = torch.full(labels.shape, -7.0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_linear_log_probs_and_kl(h, w, labels, ref_log_probs, kl_estimator="k3")
+    assert out.log_probs.shape == out.kl.shape == (4, 11)
+    (out.log_probs.sum() + out.kl.sum()).backward()
+
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    from megatron_rpp.algorithms import kl_estimate
+
+    lp64 = naive_log_probs(h64 @ w64.T, labels, dtype=torch.float64)
+    kl64 = torch.where(labels >= 0, kl_estimate(lp64, ref_log_probs.double(), "k3"), torch.zeros_like(lp64))
+    (lp64.sum() + kl64.sum()).backward()
+    torch.testing.assert_close(out.kl.double(), kl64, atol=1e-5, rtol=1e-5)
+    # k3's gradient reaches e^{|δ|} ≈ 10 here, so the gradients get a relative tolerance too.
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_default_tiles_cover_small_inputs_in_one_tile():
+    assert fused_linear.chunk_shape(torch.device("cpu"), 45, 700) == (45, 700)
+    rows, cols = fused_linear.chunk_shape(torch.device("cpu"), 4096, 152064)
+    assert rows * cols <= 1 << 20  # one fp32 tile ≤ 4 MiB on CPU
+
+
+def test_bad_weight_is_rejected():
+    hidden, weight, labels = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear_log_probs(hidden, weight[:, :5], labels)
+    with pytest.raises(TypeError, match="share a dtype"):
+        fused_linear_log_probs(hidden, weight.double(), labels)
