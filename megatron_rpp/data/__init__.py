@@ -1,0 +1,1 @@
+"""Prompt datasets (JSONL, Parquet, reasoning-gym), chat templates, rollout batches."""

@@ -1,0 +1,109 @@
+"""Metrics sinks: ``metrics.jsonl`` (one object per step), TensorBoard, a progress bar, a reward plot."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+
+class Timer:
+    """``with timer("generate"): ...`` accumulates seconds under ``timing/generate``."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"timing/{name}"] = self.times.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = self.times, {}
+        return out
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True):
+        self.dir = Path(output_dir)
+        self.path = self.dir / "metrics.jsonl"
+        self.history: list[dict] = []
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: jsonl only
+                self._tb = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        self.history.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_rewards(history: list[dict], path: str | Path) -> bool:
+    """Training reward (and eval reward where present) against step, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    steps = [h["step"] for h in history if "reward/mean" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["reward/mean"] for h in history if "reward/mean" in h], label="train reward (mean)")
+    ev = [(h["step"], h["eval/reward_mean"]) for h in history if "eval/reward_mean" in h]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out eval reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+class Progress:
+    """A tqdm bar with ETA and the last reward; a no-op when disabled."""
+
+    def __init__(self, total: int, enabled: bool = True, initial: int = 0):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="REINFORCE++", unit="step", dynamic_ncols=True)
+
+    def update(self, metrics: dict) -> None:
+        if self._bar is None:
+            return
+        post = {"reward": f"{metrics.get('reward/mean', float('nan')):.3f}"}
+        if "eval/reward_mean" in metrics:
+            post["eval"] = f"{metrics['eval/reward_mean']:.3f}"
+        self._bar.set_postfix(post)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
