@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron_rpp.kernels.backends import TorchBackend
@@ -68,10 +69,17 @@ def test_pack_unpack_roundtrip():
     assert ent is None and tgt[0].tolist() == [5.0, 6.0]
 
 
-def test_torch_backend_handles_minus_inf_logits():
+def _triton_backend():
+    from megatron_rpp.kernels.triton_kernels import TritonBackend
+
+    return TritonBackend(block_n=2, block_v=2)  # −inf fills a whole column block of row 1
+
+
+@pytest.mark.parametrize("make", [lambda: TorchBackend(chunk_elements=4), _triton_backend], ids=["torch", "triton"])
+def test_backends_handle_minus_inf_logits(make):
     # Masked vocabulary entries (−inf) get probability 0 and gradient 0, never NaN.
     z = torch.tensor([[0.0, -math.inf, 0.0, math.log(2.0)], [-math.inf, -math.inf, 1.0, 1.0]])
-    be = TorchBackend(chunk_elements=4)  # one row per chunk
+    be = make()
     lse, ent = be.row_stats(z, 1.0, True)
     torch.testing.assert_close(lse, torch.tensor([math.log(4.0), 1.0 + math.log(2.0)]))
     # row 0: p = [¼, 0, ¼, ½] -> H = 1.5 log 2; row 1: H = log 2
