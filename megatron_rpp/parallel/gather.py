@@ -30,6 +30,16 @@ def gather_tp(tensor: torch.Tensor, groups: ParallelGroups, *, partition_dim: in
         return tensor
     shards = [torch.empty_like(tensor) for _ in range(groups.tp_size)]
     dist.all_gather(shards, tensor.contiguous(), group=groups.tp_group)
+    return merge_tp_shards(shards, partition_dim=partition_dim, gated=gated)
+
+
+def merge_tp_shards(shards: list[torch.Tensor], *, partition_dim: int, gated: bool) -> torch.Tensor:
+    """The TP=1 layout from the TP ranks' shards (in TP-rank order); pure, no communication.
+
+    Shape: tp x [..., d/tp, ...] -> [..., d, ...] along ``partition_dim``.
+    """
+    if len(shards) == 1:
+        return shards[0]
     if gated:
         halves = [s.chunk(2, dim=partition_dim) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=partition_dim)
