@@ -1,0 +1,281 @@
+"""Weight sync: this world's Megatron TP/PP shards -> HF-named full tensors -> the local engine.
+
+Every rank holds a colocated engine (one per rank, engine TP = 1, or one engine per
+TP group with ``external_launcher``), and every engine needs *every* parameter in full.
+So each parameter travels from the pipeline stage that owns it to all stages, and is
+reassembled from its TP shards on every rank.
+
+Per bucket (consecutive parameters of one owning stage, at most ``bucket_bytes`` in the
+engine dtype; a single larger tensor goes alone):
+
+1. the owning stage's ranks cast their shards to the engine dtype and pack them into one
+   flat buffer ([bucket/tp] elements);
+2. with PP > 1 the packed shards are broadcast over the pipeline group from the owning
+   stage (every pipeline group carries its own TP slice, so inter-stage traffic is 1/tp
+   of the bucket per link; receivers allocate the same [bucket/tp] buffer);
+3. one all-gather over the TP group -> [tp, bucket/tp] on every rank (intra-node link);
+4. each parameter is reassembled lazily (:func:`merge_tp_shards`, incl. the gated
+   ``linear_fc1`` layout), converted by ``Architecture.to_hf`` (the single source of
+   truth for names and layouts, e.g. grouped QKV -> q/k/v) and yielded to the engine.
+
+The whole sync is one generator consumed by one ``engine.update_weights`` call (vLLM
+buffers a layer until all its tensors arrived, see ``vllm_engine``), so communication
+runs lazily as the engine loads. Peak extra memory: the packed shards and the gathered
+bucket (1/tp + 1 bucket) plus the tensor(s) of one parameter being reassembled — never
+a model copy. All ranks run the same collectives in the same order (the order of
+``Architecture.megatron_param_names``), so the sync cannot deadlock on ordering.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpp.models.spec import ModelSpec
+from megatron_rpp.parallel.gather import is_gated_fc1, iter_local_params, merge_tp_shards
+from megatron_rpp.parallel.groups import ParallelGroups
+
+
+class WeightSyncError(RuntimeError):
+    """The Megatron model and the architecture's parameter list disagree."""
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where a Megatron parameter lives and how its shards reassemble.
+
+    Shape: shard_shape is one TP rank's shard (the full shape when not TP-sharded).
+    """
+
+    name: str
+    stage: int
+    shard_shape: tuple[int, ...]
+    tp_sharded: bool
+    partition_dim: int
+
+    @property
+    def shard_numel(self) -> int:
+        n = 1
+        for d in self.shard_shape:
+            n *= d
+        return n
+
+    def full_numel(self, tp: int) -> int:
+        return self.shard_numel * (tp if self.tp_sharded else 1)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Consecutive parameters owned by one stage, moved with one broadcast and one all-gather."""
+
+    stage: int
+    slots: tuple[ParamSlot, ...]
+    shard_numel: int
+    """Elements per TP rank (the packed buffer's length)."""
+    nbytes: int
+    """Full (all TP ranks) bytes in the engine dtype."""
+
+
+@dataclass
+class SyncStats:
+    """What one sync moved and how long it took (this rank's view)."""
+
+    bytes: int = 0
+    """Full-tensor bytes handed to the engine (engine dtype)."""
+    buckets: int = 0
+    tensors: int = 0
+    """HF tensors handed to the engine."""
+    max_bucket_bytes: int = 0
+    seconds: float = 0.0
+    """Wall time of the whole sync (gather + convert + engine load)."""
+    gather_seconds: float = 0.0
+    """Time inside the generator: pack, broadcast, all-gather, reassemble, convert."""
+
+
+def build_plan(model, groups: ParallelGroups, spec: ModelSpec, arch) -> list[ParamSlot]:
+    """Every parameter of the full model, in ``arch.megatron_param_names(spec)`` order.
+
+    Collective over the pipeline group (metadata only: names, shard shapes, owner stage).
+
+    Raises:
+        WeightSyncError: when the model's parameters and the architecture's list differ
+            (a mapping that would silently skip or invent a tensor).
+    """
+    local = [
+        (name, tuple(p.shape), bool(getattr(p, "tensor_model_parallel", False)), int(getattr(p, "partition_dim", -1)))
+        for name, p in iter_local_params(_unwrap(model))
+    ]
+    per_stage: list = [None] * groups.pp_size
+    if groups.pp_size > 1:
+        dist.all_gather_object(per_stage, local, group=groups.pp_group)
+    else:
+        per_stage = [local]
+    found: dict[str, ParamSlot] = {}
+    for stage, entries in enumerate(per_stage):
+        for name, shape, sharded, pdim in entries:
+            if name in found:
+                raise WeightSyncError(f"parameter {name} is owned by stages {found[name].stage} and {stage}")
+            found[name] = ParamSlot(name, stage, shape, sharded and groups.tp_size > 1, pdim)
+    expected = arch.megatron_param_names(spec)
+    missing, extra = set(expected) - set(found), set(found) - set(expected)
+    if missing or extra:
+        raise WeightSyncError(
+            f"{arch.name}: Megatron model and architecture mapping disagree; "
+            f"missing from the model: {sorted(missing)[:5]}, not in the mapping: {sorted(extra)[:5]}"
+        )
+    return [found[n] for n in expected]
+
+
+def plan_buckets(slots: list[ParamSlot], *, tp: int, element_size: int, bucket_bytes: int) -> list[Bucket]:
+    """Group consecutive slots of the same stage into buckets of at most ``bucket_bytes``.
+
+    A parameter larger than ``bucket_bytes`` gets a bucket of its own (the engine takes
+    whole tensors). Pure: same input, same buckets on every rank.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    buckets: list[Bucket] = []
+    cur: list[ParamSlot] = []
+
+    def close() -> None:
+        if cur:
+            buckets.append(
+                Bucket(
+                    stage=cur[0].stage,
+                    slots=tuple(cur),
+                    shard_numel=sum(s.shard_numel for s in cur),
+                    nbytes=sum(s.full_numel(tp) for s in cur) * element_size,
+                )
+            )
+            cur.clear()
+
+    cur_bytes = 0
+    for slot in slots:
+        nbytes = slot.full_numel(tp) * element_size
+        if cur and (slot.stage != cur[0].stage or cur_bytes + nbytes > bucket_bytes):
+            close()
+            cur_bytes = 0
+        cur.append(slot)
+        cur_bytes += nbytes
+    close()
+    return buckets
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _pack_local(bucket: Bucket, params: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """This rank's shards of ``bucket``, cast to ``dtype``, in one flat buffer. Shape: [bucket.shard_numel]."""
+    flat = torch.empty(bucket.shard_numel, dtype=dtype, device=device)
+    off = 0
+    for slot in bucket.slots:
+        n = slot.shard_numel
+        flat[off:off + n].copy_(params[slot.name].detach().reshape(-1))
+        off += n
+    return flat
+
+
+def _move_bucket(bucket: Bucket, params, groups: ParallelGroups, dtype, device) -> torch.Tensor:
+    """Steps 1-3 of the module doc. Returns the gathered bucket, shape [tp, bucket.shard_numel]."""
+    if groups.pp_rank == bucket.stage:
+        packed = _pack_local(bucket, params, dtype, device)
+    else:
+        packed = torch.empty(bucket.shard_numel, dtype=dtype, device=device)
+    if groups.pp_size > 1:
+        dist.broadcast(packed, src=groups.pp_ranks[bucket.stage], group=groups.pp_group)
+    if groups.tp_size == 1:
+        return packed.view(1, -1)
+    gathered = torch.empty(groups.tp_size, bucket.shard_numel, dtype=dtype, device=device)
+    dist.all_gather(list(gathered.unbind(0)), packed, group=groups.tp_group)
+    return gathered
+
+
+def iter_hf_tensors(
+    model,
+    groups: ParallelGroups,
+    spec: ModelSpec,
+    arch,
+    *,
+    dtype: torch.dtype,
+    bucket_bytes: int,
+    stats: SyncStats | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor in dtype)`` for the whole model, on every rank (collective).
+
+    Every rank must consume the iterator to the end: it runs collectives as it goes.
+    """
+    stats = stats if stats is not None else SyncStats()
+    t0 = time.perf_counter()
+    slots = build_plan(model, groups, spec, arch)
+    params = dict(iter_local_params(_unwrap(model)))
+    device = next(iter(params.values())).device
+    element_size = torch.empty((), dtype=dtype).element_size()
+    buckets = plan_buckets(slots, tp=groups.tp_size, element_size=element_size, bucket_bytes=bucket_bytes)
+    stats.gather_seconds += time.perf_counter() - t0
+    for bucket in buckets:
+        t0 = time.perf_counter()
+        gathered = _move_bucket(bucket, params, groups, dtype, device)
+        stats.buckets += 1
+        stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket.nbytes)
+        stats.gather_seconds += time.perf_counter() - t0
+        off = 0
+        for slot in bucket.slots:
+            t0 = time.perf_counter()
+            n = slot.shard_numel
+            rows = gathered if slot.tp_sharded else gathered[:1]
+            shards = [r[off:off + n].view(slot.shard_shape) for r in rows]
+            off += n
+            gated = is_gated_fc1(slot.name)
+            if len(bucket.slots) == 1 and slot.tp_sharded and slot.partition_dim == 0 and not gated:
+                # The gathered rows already are the full tensor (e.g. the vocab-parallel embedding): no copy.
+                full = gathered.view(slot.shard_shape[0] * groups.tp_size, *slot.shard_shape[1:])
+            else:
+                full = merge_tp_shards(shards, partition_dim=slot.partition_dim, gated=gated)
+            pieces = arch.to_hf(spec, slot.name, full)
+            del shards, full
+            stats.gather_seconds += time.perf_counter() - t0
+            for hf_name, tensor in pieces:
+                stats.bytes += tensor.numel() * tensor.element_size()
+                stats.tensors += 1
+                yield hf_name, tensor
+            del pieces
+        del gathered
+
+
+def sync_weights(
+    model,
+    groups: ParallelGroups,
+    spec: ModelSpec,
+    arch,
+    engine,
+    *,
+    bucket_bytes: int = 256 << 20,
+    dtype: torch.dtype | None = None,
+) -> SyncStats:
+    """Push this world's current Megatron weights into ``engine`` (collective over the world).
+
+    Args:
+        model: this rank's Megatron model shard (DDP/Float16 wrappers are unwrapped).
+        spec, arch: the ``ModelSpec`` the model was built from and its ``Architecture``.
+        engine: this rank's :class:`RolloutEngine` (its ``dtype`` attribute, if any, is
+            the target dtype unless ``dtype`` is given).
+        bucket_bytes: bound on the bytes gathered at once (engine dtype).
+
+    Returns:
+        :class:`SyncStats` for this rank.
+    """
+    dtype = dtype or getattr(engine, "dtype", None) or next(_unwrap(model).parameters()).dtype
+    stats = SyncStats()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        engine.update_weights(
+            iter_hf_tensors(model, groups, spec, arch, dtype=dtype, bucket_bytes=bucket_bytes, stats=stats)
+        )
+    stats.seconds = time.perf_counter() - t0
+    return stats
