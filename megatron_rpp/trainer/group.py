@@ -48,8 +48,11 @@ class RayWorkerGroup:
         from megatron_rpp.trainer.worker import Worker
 
         if not ray.is_initialized():
-            ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": _forwarded_env()})
+            if os.environ.get("RAY_ADDRESS"):  # a cluster started by examples/slurm/train.sbatch
+                ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": _forwarded_env()})
+            else:
+                ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=True,
+                         runtime_env={"env_vars": _forwarded_env()})
         on_gpu = torch.cuda.is_available()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
