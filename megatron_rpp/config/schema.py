@@ -148,7 +148,7 @@ class TrainerConfig:
     eval_interval: int = 0
     """Evaluate on held-out prompts every this many steps (0 = only at start and end)."""
     save_interval: int = 0
-    """Save a checkpoint every this many steps (0 = only the final HF export)."""
+    """Save a checkpoint every this many steps (0 = only the final export). Not implemented yet: must be 0."""
     export_hf: bool = True
     """Export the final policy as a HF checkpoint under output_dir/hf."""
     progress: bool = True

@@ -84,5 +84,8 @@ def validate(cfg: Config) -> None:
             f"trainer.train_batch_size ({t.train_batch_size}) must be a multiple of data-parallel size ({dp}) × "
             f"trainer.micro_batch_size ({t.micro_batch_size})"
         )
+    if t.save_interval:
+        raise ConfigError("trainer.save_interval: periodic checkpoints and resume are not implemented yet "
+                          "(only the final checkpoint/HF export is written); allowed value: 0")
     if d.source in ("jsonl", "parquet") and not d.path:
         raise ConfigError(f"data.path: required when data.source is {d.source!r}")
