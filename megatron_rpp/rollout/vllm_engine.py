@@ -74,6 +74,10 @@ def write_config_dir(hf_config: Mapping[str, Any], path: str | Path) -> Path:
 class VllmEngine:
     """A vLLM ``LLM`` in this process, behind the :class:`RolloutEngine` interface.
 
+    Construction is collective when ``torch.distributed`` is initialised: vLLM then builds
+    its own groups with ``new_group`` over the whole world, so every rank must create its
+    engine at the same point (as the trainer's workers do).
+
     Args:
         model_dir: a HF model folder (``config.json``; weights unless ``load_format="dummy"``).
         dtype: the engine's weight/activation dtype; the sync casts to it.

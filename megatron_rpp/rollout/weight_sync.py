@@ -8,21 +8,21 @@ reassembled from its TP shards on every rank.
 Per bucket (consecutive parameters of one owning stage, at most ``bucket_bytes`` in the
 engine dtype; a single larger tensor goes alone):
 
-1. the owning stage's ranks cast their shards to the engine dtype and pack them into one
-   flat buffer ([bucket/tp] elements);
-2. with PP > 1 the packed shards are broadcast over the pipeline group from the owning
-   stage (every pipeline group carries its own TP slice, so inter-stage traffic is 1/tp
-   of the bucket per link; receivers allocate the same [bucket/tp] buffer);
-3. one all-gather over the TP group -> [tp, bucket/tp] on every rank (intra-node link);
+1. every rank allocates the bucket, [tp, bucket/tp] in the engine dtype; the owning
+   stage's ranks cast their shards into their own row;
+2. with PP > 1 that row is broadcast over the pipeline group from the owning stage
+   (every pipeline group carries its own TP slice, so inter-stage traffic is 1/tp of
+   the bucket per link);
+3. an in-place all-gather of the rows over the TP group (intra-node link);
 4. each parameter is reassembled lazily (:func:`merge_tp_shards`, incl. the gated
    ``linear_fc1`` layout), converted by ``Architecture.to_hf`` (the single source of
    truth for names and layouts, e.g. grouped QKV -> q/k/v) and yielded to the engine.
 
 The whole sync is one generator consumed by one ``engine.update_weights`` call (vLLM
 buffers a layer until all its tensors arrived, see ``vllm_engine``), so communication
-runs lazily as the engine loads. Peak extra memory: the packed shards and the gathered
-bucket (1/tp + 1 bucket) plus the tensor(s) of one parameter being reassembled — never
-a model copy. All ranks run the same collectives in the same order (the order of
+runs lazily as the engine loads. Peak extra memory: one gathered bucket (shards are
+packed straight into this rank's row of it, and the collectives work in place) plus the
+parameter being reassembled — never a model copy. All ranks run the same collectives in the same order (the order of
 ``Architecture.megatron_param_names``), so the sync cannot deadlock on ordering.
 """
 from __future__ import annotations
@@ -170,30 +170,38 @@ def _unwrap(model):
     return model
 
 
-def _pack_local(bucket: Bucket, params: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
-    """This rank's shards of ``bucket``, cast to ``dtype``, in one flat buffer. Shape: [bucket.shard_numel]."""
-    flat = torch.empty(bucket.shard_numel, dtype=dtype, device=device)
+def _pack_local(bucket: Bucket, params: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Copy this rank's shards of ``bucket`` (cast to ``out``'s dtype) into ``out``. Shape: [bucket.shard_numel]."""
     off = 0
     for slot in bucket.slots:
         n = slot.shard_numel
-        flat[off:off + n].copy_(params[slot.name].detach().reshape(-1))
+        out[off:off + n].copy_(params[slot.name].detach().reshape(-1))
         off += n
-    return flat
+
+
+def _all_gather_rows(rows: torch.Tensor, groups: ParallelGroups) -> None:
+    """In place over the TP group: row r <- TP rank r's row. Shape: rows [tp, n]."""
+    if dist.get_backend(groups.tp_group) == "gloo":
+        # gloo's all-gather stages the whole output in a temporary (one more bucket);
+        # one broadcast per rank straight into its row does not.
+        for r, src in enumerate(groups.tp_ranks):
+            dist.broadcast(rows[r], src=src, group=groups.tp_group)
+    else:  # NCCL: in-place all-gather (the input is this rank's slice of the output)
+        gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_single(rows.view(-1), rows[groups.tp_rank], group=groups.tp_group)
 
 
 def _move_bucket(bucket: Bucket, params, groups: ParallelGroups, dtype, device) -> torch.Tensor:
-    """Steps 1-3 of the module doc. Returns the gathered bucket, shape [tp, bucket.shard_numel]."""
+    """Steps 1-3 of the module doc, in one buffer. Returns the gathered bucket, shape [tp, bucket.shard_numel]."""
+    rows = torch.empty(groups.tp_size, bucket.shard_numel, dtype=dtype, device=device)
+    mine = rows[groups.tp_rank]
     if groups.pp_rank == bucket.stage:
-        packed = _pack_local(bucket, params, dtype, device)
-    else:
-        packed = torch.empty(bucket.shard_numel, dtype=dtype, device=device)
+        _pack_local(bucket, params, mine)
     if groups.pp_size > 1:
-        dist.broadcast(packed, src=groups.pp_ranks[bucket.stage], group=groups.pp_group)
-    if groups.tp_size == 1:
-        return packed.view(1, -1)
-    gathered = torch.empty(groups.tp_size, bucket.shard_numel, dtype=dtype, device=device)
-    dist.all_gather(list(gathered.unbind(0)), packed, group=groups.tp_group)
-    return gathered
+        dist.broadcast(mine, src=groups.pp_ranks[bucket.stage], group=groups.pp_group)
+    if groups.tp_size > 1:
+        _all_gather_rows(rows, groups)
+    return rows
 
 
 def iter_hf_tensors(
