@@ -48,7 +48,7 @@ def _rank(hf_dir: str, buckets_mib: list[int], repeats: int) -> dict:
     import torch.distributed as dist
 
     from megatron_rpp.models.architectures import architecture_for_config
-    from megatron_rpp.models.hf_loader import load_hf_weights
+    from megatron_rpp.checkpoint.hf_loader import load_hf_weights
     from megatron_rpp.models.provider import build_gpt_model
     from megatron_rpp.models.spec import load_hf_config
     from megatron_rpp.parallel.groups import initialize_parallel

@@ -31,7 +31,7 @@ class Worker:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         from megatron_rpp.models.architectures import architecture_for_config
-        from megatron_rpp.models.hf_loader import load_hf_weights
+        from megatron_rpp.checkpoint.hf_loader import load_hf_weights
         from megatron_rpp.models.provider import build_gpt_model
         from megatron_rpp.models.spec import load_hf_config
         from megatron_rpp.parallel.groups import initialize_parallel

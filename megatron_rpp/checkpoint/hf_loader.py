@@ -6,7 +6,6 @@ one full parameter is held at once.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,39 +14,11 @@ from megatron_rpp.parallel.gather import global_name, is_gated_fc1, layer_offset
 from megatron_rpp.parallel.groups import ParallelGroups
 
 
-class HFTensorReader:
-    """Reads named tensors from a HF folder (single file or sharded with an index)."""
-
-    def __init__(self, hf_dir: str | Path):
-        self.dir = Path(hf_dir)
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            with open(index) as f:
-                self.where = {k: self.dir / v for k, v in json.load(f)["weight_map"].items()}
-        elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            path = self.dir / "model.safetensors"
-            with safe_open(str(path), "pt") as f:
-                self.where = {k: path for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if name not in self.where:
-            raise KeyError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
-        with safe_open(str(self.where[name]), "pt") as f:
-            return f.get_tensor(name)
-
-
 def load_hf_weights(model, groups: ParallelGroups, arch, spec, hf_dir: str | Path) -> None:
     """Fill this rank's shard of ``model`` from the HF checkpoint at ``hf_dir``."""
-    reader = HFTensorReader(hf_dir)
+    from megatron_rpp.checkpoint.hf_io import HFCheckpointReader
+
+    reader = HFCheckpointReader(hf_dir)
     offset = layer_offset(model)
     with torch.no_grad():
         for local, p in model.named_parameters():
