@@ -53,14 +53,13 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, env, results) -> None:
 
 
 def _teardown() -> None:
+    import sys
+
     import torch.distributed as dist
 
-    try:
-        from megatron.core import parallel_state
-
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # never import megatron just to tear down
+    if parallel_state is not None:
         parallel_state.destroy_model_parallel()
-    except Exception:  # megatron not imported / not initialised
-        pass
     if dist.is_initialized():
         dist.destroy_process_group()
 
