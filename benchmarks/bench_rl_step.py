@@ -41,6 +41,16 @@ def matmul_rate(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
+def count_params(hf_dir: str) -> int:
+    """Parameters of the HF checkpoint (from the safetensors headers; tied weights once)."""
+    import math
+
+    from megatron_rpp.checkpoint.hf_io import HFCheckpointReader
+
+    reader = HFCheckpointReader(hf_dir)
+    return sum(math.prod(h["shape"]) for hdr in reader.headers.values() for k, h in hdr.items() if k != "__metadata__")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
@@ -62,6 +72,9 @@ def main() -> int:
     ]
     cfg = load_config(Path(__file__).parents[1] / "examples/configs/cpu_demo.yaml", overrides)
     ctx = setup_run(cfg)
+    from megatron_rpp.trainer.setup import resolve_hf_dir
+
+    ctx_hf_dir = resolve_hf_dir(cfg.model.hf_dir)
     try:
         rate = matmul_rate()
         timer = Timer()
@@ -76,7 +89,7 @@ def main() -> int:
             rows.append(m)
     finally:
         ctx.close()
-    params = 134_515_008  # SmolLM2-135M (tied embeddings)
+    params = count_params(ctx_hf_dir)
     extra_forwards = int(cfg.algorithm.kl_coef > 0) + int(needs_old_forward(cfg))
     phases = ["generate", "old_log_probs", "ref_log_probs", "reward", "advantages", "train", "weight_sync"]
     avg = {p: sum(r.get(f"timing/{p}", 0.0) for r in rows) / len(rows) for p in phases}

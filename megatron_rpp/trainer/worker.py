@@ -126,9 +126,16 @@ class Worker:
             return take_response(lp, batch), take_response(ent, batch)
         return take_response(out, batch), None
 
-    def _micro_batches(self, seqs: list[dict]) -> list[list[dict]]:
+    def _micro_batches(self, seqs: list[dict]) -> tuple[list[list[dict]], list[list[int]]]:
+        """Micro-batches of similar total length (less padding), and each one's original indices.
+
+        The grouping changes no result: every loss is normalised by global counts and
+        scores are returned in the original order.
+        """
         mbs = self.cfg.trainer.micro_batch_size
-        return [seqs[i : i + mbs] for i in range(0, len(seqs), mbs)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["prompt_ids"]) + len(seqs[i]["response_ids"]))
+        index = [order[i : i + mbs] for i in range(0, len(order), mbs)]
+        return [[seqs[i] for i in idx] for idx in index], index
 
     @torch.no_grad()
     def score(self, seqs: list[dict], which: str = "policy") -> list[list[float]] | None:
@@ -139,7 +146,7 @@ class Worker:
         if model is None:
             raise RuntimeError(f"no {which} model on this worker")
         model.eval()
-        chunks = self._micro_batches(seqs)
+        chunks, index = self._micro_batches(seqs)
         batches = [pad_sequences(c) for c in chunks]
 
         def loss_fn(logits, mb):
@@ -151,10 +158,10 @@ class Worker:
         model.train()
         if not self.is_reporter:
             return None
-        result = []
-        for chunk, aux in zip(chunks, out):
-            for b, s in enumerate(chunk):
-                result.append(aux["lp"][b, : len(s["response_ids"])].tolist())
+        result: list = [None] * len(seqs)
+        for chunk, idx, aux in zip(chunks, index, out):
+            for b, (s, i) in enumerate(zip(chunk, idx)):
+                result[i] = aux["lp"][b, : len(s["response_ids"])].tolist()
         return result
 
     # ------------------------------------------------------------------ training
@@ -176,7 +183,7 @@ class Worker:
             tis_high=a.tis_cap or None, kl_loss_coef=a.kl_coef if a.kl_use_loss else 0.0,
             kl_loss_estimator=a.kl_loss_estimator, entropy_coef=a.entropy_coef, agg_mode=a.loss_agg_mode,
         )
-        chunks = self._micro_batches(seqs)
+        chunks, _ = self._micro_batches(seqs)
         mbs = []
         for c in chunks:
             b = pad_sequences(c)
