@@ -1,1 +1,23 @@
-"""Reward functions: a registry of rule rewards, user functions by "file.py:fn", parallel scoring."""
+"""Reward functions: a registry of rule rewards, user functions by "file.py:fn", parallel scoring,
+and remote HTTP endpoints (``reward.remote_url``)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_rpp.config.schema import RewardConfig
+
+
+def make_scorer(cfg: RewardConfig):
+    """The scorer ``cfg`` asks for: the endpoint ``remote_url`` when set, else ``function`` (in a process pool).
+
+    Both score ``(prompts, responses, samples) -> list[float]`` and have ``close()``.
+    """
+    if cfg.remote_url:
+        from megatron_rpp.rewards.remote import RemoteRewardScorer
+
+        return RemoteRewardScorer(cfg.remote_url, cfg.remote_timeout_s, cfg.remote_max_retries,
+                                  batch_size=cfg.remote_batch_size)
+    from megatron_rpp.rewards.scorer import RewardScorer
+
+    return RewardScorer(cfg.function, cfg.num_workers)

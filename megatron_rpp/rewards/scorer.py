@@ -41,7 +41,9 @@ def _score_chunk(spec: str, items: list[tuple[int, str, str, dict]]) -> list[tup
     return out
 
 
-def _describe(idx: int, prompt: str, response: str) -> str:
+def describe_sample(idx: int, prompt: str, response: str) -> str:
+    """``sample 3: prompt='...' response='...'`` (each cut at 300 characters), for error messages."""
+
     def cut(s: str) -> str:
         return s if len(s) <= 300 else s[:300] + "..."
 
@@ -77,9 +79,10 @@ class RewardScorer:
         for idx, value, err in results:
             p, r = items[idx][1], items[idx][2]
             if err is not None:
-                raise RewardError(f"reward {self.spec!r} raised on {_describe(idx, p, r)}: {err}")
+                raise RewardError(f"reward {self.spec!r} raised on {describe_sample(idx, p, r)}: {err}")
             if value is None or not math.isfinite(value):
-                raise RewardError(f"reward {self.spec!r} returned {value!r} (not finite) on {_describe(idx, p, r)}")
+                raise RewardError(f"reward {self.spec!r} returned {value!r} (not finite) on "
+                                  f"{describe_sample(idx, p, r)}")
             rewards[idx] = value
         return rewards
 

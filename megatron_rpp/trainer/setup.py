@@ -65,7 +65,7 @@ def setup_run(cfg: Config) -> RunContext:
     from transformers import AutoTokenizer
 
     from megatron_rpp.algorithms.reward_norm import RunningRewardNorm
-    from megatron_rpp.rewards.scorer import RewardScorer
+    from megatron_rpp.rewards import make_scorer
     from megatron_rpp.trainer.group import make_worker_group
     from megatron_rpp.trainer.phases import Layout
     from megatron_rpp.utils.logging import MetricsLogger
@@ -80,7 +80,7 @@ def setup_run(cfg: Config) -> RunContext:
     eval_prompts, skipped_eval = tokenize_prompts(eval_rows, tokenizer, cfg.data, cfg.model.max_prompt_length)
     if skipped + skipped_eval:
         print(f"[megatron-rpp] skipped {skipped + skipped_eval} prompts longer than {cfg.model.max_prompt_length} tokens")
-    scorer = RewardScorer(cfg.reward.function, cfg.reward.num_workers)  # before engines start
+    scorer = make_scorer(cfg.reward)  # before engines start
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.rollout.kv_cache_gib))))
     group = make_worker_group(cfg, hf_dir)
     layout = Layout.from_infos(group.call("info"))
