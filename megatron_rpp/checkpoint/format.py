@@ -12,8 +12,8 @@ Each shard file holds that rank's Megatron parameter shards under their *global*
 Megatron names (``decoder.layers.{global index}...``), in the fixed order of
 ``Architecture.megatron_param_names``. TP shards follow Megatron's own layout (see
 :data:`TP_RULES`): column-parallel weights split along dim 0, row-parallel along dim 1,
-the gated ``linear_fc1`` as [gate_r; up_r] per rank, norms replicated (stored once, in
-the TP-rank-0 file). A tied output layer is not stored (it is the embedding).
+the gated ``linear_fc1`` as [gate_r; up_r] per rank, norms and a reward model's scalar
+head replicated (stored once, in the TP-rank-0 file). A tied output layer is not stored (it is the embedding).
 
 The metadata holds the HF config, architecture, TP, PP, dtype, every parameter's full
 shape / stage / split, and every file's size, so a loader can check the folder before
@@ -55,6 +55,7 @@ HF_DTYPE_NAMES: dict[torch.dtype, str] = {
 TP_RULES: dict[str, tuple[int | None, bool]] = {
     "embedding.word_embeddings.weight": (0, False),  # vocab-parallel
     "output_layer.weight": (0, False),  # vocab-parallel
+    "output_layer.score.weight": (None, False),  # a reward model's scalar head [1, h]: replicated
     "self_attention.linear_qkv.weight": (0, False),  # column-parallel (whole KV groups per rank)
     "self_attention.linear_qkv.bias": (0, False),
     "self_attention.linear_proj.weight": (1, False),  # row-parallel
@@ -114,6 +115,7 @@ def full_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
     shapes = {
         "embedding.word_embeddings.weight": (v, h),
         "output_layer.weight": (v, h),
+        "output_layer.score.weight": (spec.num_labels, h),
         "decoder.final_layernorm.weight": (h,),
         "input_layernorm.weight": (h,),
         "pre_mlp_layernorm.weight": (h,),

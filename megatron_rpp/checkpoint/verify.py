@@ -1,4 +1,8 @@
-"""Check a Megatron checkpoint against its HF source: same token batch, compare logits.
+"""Check a Megatron checkpoint against its HF source: same token batch, compare outputs.
+
+Language models compare logits at every position; reward models (a score head,
+``*ForSequenceClassification``) compare the score at every position — the value HF's
+sequence classification pools at a sequence's last token.
 
 The Megatron side runs on ``tp * pp`` spawned gloo ranks (:func:`megatron_logits_on_rank`
 is the per-rank work, usable inside any existing world); the HF side runs
@@ -16,16 +20,21 @@ from pathlib import Path
 import torch
 
 
+#: What is compared, per model head.
+QUANTITY = {"lm": "logit", "score": "score"}
+
+
 @dataclass(frozen=True)
 class VerifyResult:
-    max_abs_logit_diff: float
+    max_abs_diff: float
     tp: int
     pp: int
     dtype: str
     num_tokens: int
+    quantity: str = "logit"  # "logit" (language model) or "score" (reward model)
 
     def as_json_dict(self) -> dict:
-        return {"max_abs_logit_diff": self.max_abs_logit_diff, "tp": self.tp, "pp": self.pp}
+        return {f"max_abs_{self.quantity}_diff": self.max_abs_diff, "tp": self.tp, "pp": self.pp}
 
 
 def sample_tokens(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -40,8 +49,8 @@ def megatron_logits_on_rank(megatron_dir: str, tp: int, pp: int, input_ids: torc
     Call on every rank of an initialised world whose size is a multiple of ``tp * pp``.
 
     Returns:
-        Full logits [B, S, V] fp32 on data-parallel rank 0, TP rank 0 of the last stage;
-        None on every other rank.
+        Full logits [B, S, V] fp32 (a reward model: scores [B, S, 1] fp32) on data-parallel
+        rank 0, TP rank 0 of the last stage; None on every other rank.
     """
     from megatron_rpp.checkpoint.convert import MegatronCheckpointReader
     from megatron_rpp.checkpoint.live import load_megatron_checkpoint
@@ -56,9 +65,11 @@ def megatron_logits_on_rank(megatron_dir: str, tp: int, pp: int, input_ids: torc
     load_megatron_checkpoint(model, groups, megatron_dir, allow_dtype_cast=True)
     model.eval()
 
-    def loss_fn(logits, mb):  # logits [B, S, V/tp]
-        full = gather_tp(logits.detach().float(), groups, partition_dim=logits.dim() - 1, gated=False)
-        return logits.sum() * 0.0, {"logits": full}  # [B, S, V]
+    def loss_fn(logits, mb):  # logits [B, S, V/tp]; a score head's [B, S, 1] is not sharded
+        full = logits.detach().float()
+        if base_spec.head == "lm":
+            full = gather_tp(full, groups, partition_dim=logits.dim() - 1, gated=False)  # [B, S, V]
+        return logits.sum() * 0.0, {"logits": full}
 
     with torch.no_grad():
         out = forward_backward(model, [MicroBatch(input_ids)], loss_fn, groups, forward_only=True)
@@ -83,6 +94,27 @@ def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor, *, round_to: torch.dt
         return model(input_ids=input_ids).logits.float()
 
 
+def hf_scores(hf_dir: str | Path, input_ids: torch.Tensor, *, round_to: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' sequence-classification scores at every position, [B, S, 1] fp32.
+
+    ``score(base_model(input_ids))`` is what HF's forward computes before pooling at the
+    last non-padding token, so no pad id can move the compared position.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                               attn_implementation="eager")
+    if round_to != torch.float32:
+        model.to(round_to).to(torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model.score(model.base_model(input_ids=input_ids).last_hidden_state).float()
+
+
+#: The transformers reference, per model head.
+HF_REFERENCE = {"lm": hf_logits, "score": hf_scores}
+
+
 def compare_logits(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -100,7 +132,8 @@ def verify_checkpoint(
     seed: int = 0,
     timeout: float = 600.0,
 ) -> VerifyResult:
-    """Max |logit difference| between transformers on ``hf_dir`` and Megatron on ``megatron_dir`` at TP×PP."""
+    """Max |logit| (reward model: |score|) difference between transformers on ``hf_dir`` and
+    Megatron on ``megatron_dir`` at TP×PP."""
     from megatron_rpp.checkpoint.convert import MegatronCheckpointReader
     from megatron_rpp.checkpoint.format import validate_layout
     from megatron_rpp.parallel.spawn import run_ranks
@@ -111,5 +144,6 @@ def verify_checkpoint(
     input_ids = sample_tokens(ckpt.base_spec.vocab_size, batch_size, seq_len, seed)
     results = run_ranks(_verify_rank, tp * pp, str(megatron_dir), tp, pp, input_ids, timeout=timeout)
     (mg,) = [r for r in results if r is not None]
-    ref = hf_logits(hf_dir, input_ids, round_to=ckpt.meta.torch_dtype)
-    return VerifyResult(compare_logits(mg, ref), tp, pp, ckpt.meta.dtype, input_ids.numel())
+    head = ckpt.base_spec.head
+    ref = HF_REFERENCE[head](hf_dir, input_ids, round_to=ckpt.meta.torch_dtype)
+    return VerifyResult(compare_logits(mg, ref), tp, pp, ckpt.meta.dtype, input_ids.numel(), QUANTITY[head])

@@ -59,10 +59,31 @@ class RewardConfig:
     with ``fn(prompt: str, response: str, sample: dict) -> float``."""
     num_workers: int = 2
     """Processes scoring rule rewards in parallel (0 = in the controller process)."""
+    remote_url: str = ""
+    """When set (``http://`` or ``https://``), rewards come from this HTTP endpoint instead of
+    ``function``: POST ``{"prompts", "responses", "samples"}`` lists, reply a list of floats
+    or ``{"rewards": [...]}`` (docs/rewards.md)."""
+    remote_timeout_s: float = 30.0
+    """Seconds to wait for the remote endpoint to connect and to reply, per attempt."""
+    remote_max_retries: int = 3
+    """Retries of a remote request after a connection error, timeout or HTTP 5xx/429 (exponential
+    backoff from 1 s); then the run stops with an error naming the endpoint."""
+    remote_batch_size: int = 256
+    """Samples per remote request (larger batches are split)."""
     normalize: bool = False
     """Normalise rewards with a running mean/std across steps (state kept in checkpoints)."""
     clip: float = 10.0
     """Shaped sequence rewards are clipped to [-clip, clip]."""
+    model_dir: str = ""
+    """HF sequence-classification folder (``LlamaForSequenceClassification``,
+    ``Qwen2ForSequenceClassification``, one score) of a Bradley-Terry reward model; when set,
+    the reward is its score at the last token of prompt + response, computed by the workers
+    at the policy's TP/PP (docs/reward_models.md). Must share the policy's tokenizer.
+    Empty = use ``function``."""
+    model_mean: float = 0.0
+    """Static normalisation of reward-model scores: reward = (score - model_mean) / model_std."""
+    model_std: float = 1.0
+    """Static normalisation of reward-model scores (see ``model_mean``); must be > 0."""
 
 
 @dataclass(frozen=True)

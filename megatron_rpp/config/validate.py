@@ -50,6 +50,9 @@ def validate(cfg: Config) -> None:
         ("trainer.lr", t.lr),
         ("trainer.num_workers", t.num_workers),
         ("reward.clip", cfg.reward.clip),
+        ("reward.model_std", cfg.reward.model_std),
+        ("reward.remote_timeout_s", cfg.reward.remote_timeout_s),
+        ("reward.remote_batch_size", cfg.reward.remote_batch_size),
     ]:
         _positive(path, v)
     for path, v in [
@@ -61,6 +64,7 @@ def validate(cfg: Config) -> None:
         ("trainer.save_interval", t.save_interval),
         ("rollout.check_sync_interval", r.check_sync_interval),
         ("reward.num_workers", cfg.reward.num_workers),
+        ("reward.remote_max_retries", cfg.reward.remote_max_retries),
         ("data.num_eval_prompts", d.num_eval_prompts),
     ]:
         _positive(path, v, allow_zero=True)
@@ -89,3 +93,7 @@ def validate(cfg: Config) -> None:
                           "(only the final checkpoint/HF export is written); allowed value: 0")
     if d.source in ("jsonl", "parquet") and not d.path:
         raise ConfigError(f"data.path: required when data.source is {d.source!r}")
+    if cfg.reward.model_dir and cfg.reward.remote_url:
+        raise ConfigError("reward.model_dir: cannot be combined with reward.remote_url (set one reward source)")
+    if cfg.reward.remote_url and not cfg.reward.remote_url.startswith(("http://", "https://")):
+        raise ConfigError(f"reward.remote_url: must start with http:// or https://, got {cfg.reward.remote_url!r}")

@@ -100,13 +100,19 @@ def layer_spec(spec: ModelSpec):
 def build_gpt_model(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.dtype = torch.float32):
     """This rank's ``GPTModel`` shard for ``spec``.
 
-    Logits come out vocab-parallel ([S, B, V/tp]); the model returns them as they are
-    (``parallel_output=True``) so scoring never gathers the vocabulary.
+    ``spec.head == "lm"``: logits come out vocab-parallel ([B, S, V/tp]); the model returns
+    them as they are (``parallel_output=True``) so scoring never gathers the vocabulary.
+    ``spec.head == "score"`` (a reward model): the last stage's output layer is a
+    :class:`~megatron_rpp.models.reward_model.ScalarHead` and the model returns scores
+    [B, S, 1], the same on every TP rank. (GPTModel first builds its vocabulary head; it
+    is dropped at once, so the peak briefly holds one vocabulary shard more.)
     """
     from megatron.core.models.gpt import GPTModel
 
-    if spec.head != "lm":
-        raise UnsupportedConfigError(f"build_gpt_model builds language models; got head={spec.head!r}")
+    if spec.head not in ("lm", "score"):
+        raise UnsupportedConfigError(f"unknown model head {spec.head!r} (supported: 'lm', 'score')")
+    if spec.head == "score" and spec.tie_word_embeddings:
+        raise UnsupportedConfigError("a score head is never tied to the embedding (tie_word_embeddings must be false)")
     config = transformer_config(spec, groups, dtype=dtype)
     model = GPTModel(
         config=config,
@@ -124,6 +130,10 @@ def build_gpt_model(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.dty
         # Exactly transformers' frequencies (rotary_base as float, llama3 scaling with
         # all four of the config's parameters, not only the factor).
         model.rotary_pos_emb.inv_freq = spec.rotary_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
+    if spec.head == "score" and groups.is_last_stage:
+        from megatron_rpp.models.reward_model import ScalarHead
+
+        model.output_layer = ScalarHead(spec.hidden_size, spec.num_labels, dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -168,7 +168,7 @@ def llama_family_spec(
         raise UnsupportedConfigError(f"{arch}: pretraining_tp={cfg['pretraining_tp']} is not supported")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    return ModelSpec(
+    spec = ModelSpec(
         architecture=arch,
         num_layers=int(cfg["num_hidden_layers"]),
         hidden_size=hidden,
@@ -184,6 +184,28 @@ def llama_family_spec(
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         add_qkv_bias=add_qkv_bias,
         qk_layernorm=qk_layernorm,
-        head=head,
-        num_labels=int(cfg.get("num_labels", 1)) if head == "score" else 1,
     )
+    return with_score_head(spec, cfg) if head == "score" else spec
+
+
+def with_score_head(spec: ModelSpec, cfg: Mapping[str, Any]) -> ModelSpec:
+    """``spec`` with a scalar score head instead of the LM head (HF ``*ForSequenceClassification``).
+
+    The score head is never tied to the embedding (sequence classifiers have no lm_head),
+    and only one output is supported: a Bradley-Terry reward model's score.
+    """
+    num_labels = _num_labels(cfg)
+    if num_labels != 1:
+        raise UnsupportedConfigError(
+            f"{spec.architecture}: num_labels={num_labels} is not supported "
+            "(a reward model has one score; supported: 1)"
+        )
+    return replace(spec, head="score", num_labels=1, tie_word_embeddings=False)
+
+
+def _num_labels(cfg: Mapping[str, Any]) -> int:
+    """Outputs of a HF sequence-classification head: ``num_labels``, else ``len(id2label)``,
+    else transformers' default of 2."""
+    if cfg.get("num_labels") is not None:
+        return int(cfg["num_labels"])
+    return len(cfg["id2label"]) if cfg.get("id2label") else 2

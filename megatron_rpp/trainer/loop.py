@@ -38,8 +38,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
                                         temperature=cfg.rollout.temperature, seed=cfg.trainer.seed + step)
         seqs = phases.generate(group, prompts, sampling)
     with timer("reward"):
-        texts = [ctx.tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in seqs]
-        raw = ctx.scorer([s["prompt"] for s in seqs], texts, [s["sample"] for s in seqs])
+        raw = phases.sequence_rewards(group, layout, cfg, ctx.scorer, ctx.tokenizer, seqs)
         rewards = torch.tensor(raw, dtype=torch.float32)
         if ctx.reward_norm is not None:
             ctx.reward_norm.update(rewards)

@@ -114,14 +114,32 @@ def mean_metrics(results: list[dict]) -> dict:
     return {k: sum(r[k] for r in results if k in r) / max(1, sum(k in r for r in results)) for k in keys}
 
 
-def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer) -> dict:
+def reward_model_scores(group, layout: Layout, seqs: list[dict]) -> list[float]:
+    """The workers' reward-model score of every sequence (prompt + response), normalised."""
+    slim = [{"prompt_ids": s["prompt_ids"], "response_ids": s["response_ids"]} for s in seqs]
+    shards = split(slim, layout.dp_size)
+    outs = group.call("reward_scores", [(shards[layout.dp_of_rank[r]],) for r in range(group.size)])
+    scores = [v for d in range(layout.dp_size) for v in outs[layout.reporter_of_dp[d]]]
+    finite_or_raise("reward model score", scores)
+    return scores
+
+
+def sequence_rewards(group, layout: Layout | None, cfg: Config, scorer, tokenizer, seqs: list[dict]) -> list[float]:
+    """One reward per sequence: the reward model's score when ``reward.model_dir`` is set,
+    else ``scorer`` on the decoded response text. ``layout`` None: asked from the workers."""
+    if cfg.reward.model_dir:
+        return reward_model_scores(group, layout or Layout.from_infos(group.call("info")), seqs)
+    texts = [tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in seqs]
+    return scorer([s["prompt"] for s in seqs], texts, [s["sample"] for s in seqs])
+
+
+def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layout: Layout | None = None) -> dict:
     """Mean reward of one generation per held-out prompt at ``eval_temperature``."""
     if not prompts:
         return {}
     sampling = sampling_args(cfg, n=1, temperature=cfg.rollout.eval_temperature, seed=cfg.trainer.seed)
     seqs = generate(group, prompts, sampling)
-    texts = [tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in seqs]
-    rewards = scorer([s["prompt"] for s in seqs], texts, [s["sample"] for s in seqs])
+    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, seqs)
     return {"eval/reward_mean": sum(rewards) / len(rewards),
             "eval/response_length_mean": sum(len(s["response_ids"]) for s in seqs) / len(seqs)}
 

@@ -55,6 +55,12 @@ class Worker:
             self.ref = build_gpt_model(self.spec, self.groups, dtype=dtype)
             load_hf_weights(self.ref, self.groups, self.arch, self.spec, hf_dir)
             self.ref.eval().requires_grad_(False)
+        self.reward_model = None
+        if cfg.reward.model_dir:  # a Bradley-Terry reward model, split like the policy
+            from megatron_rpp.models.reward_model import build_reward_model
+
+            self.reward_model, _ = build_reward_model(cfg.reward.model_dir, self.groups, dtype=dtype,
+                                                      vocab_size=self.spec.vocab_size)
         self.engine = self._build_engine()
 
     # ------------------------------------------------------------------ plumbing
@@ -163,6 +169,18 @@ class Worker:
             for b, (s, i) in enumerate(zip(chunk, idx)):
                 result[i] = aux["lp"][b, : len(s["response_ids"])].tolist()
         return result
+
+    def reward_scores(self, seqs: list[dict]) -> list[float] | None:
+        """Reward-model score of each prompt + response, normalised by ``reward.model_mean/std``;
+        on the reporter rank (None elsewhere). Collective over this rank's TP×PP group."""
+        from megatron_rpp.models.reward_model import normalize_scores, score_sequences
+
+        if self.reward_model is None:
+            raise RuntimeError("no reward model on this worker (reward.model_dir is empty)")
+        r = self.cfg.reward
+        scores = score_sequences(self.reward_model, self.groups, [s["prompt_ids"] + s["response_ids"] for s in seqs],
+                                 micro_batch_size=self.cfg.trainer.micro_batch_size)
+        return normalize_scores(scores, r.model_mean, r.model_std) if self.is_reporter else None
 
     # ------------------------------------------------------------------ training
     def train(self, seqs: list[dict], counts: dict) -> dict:

@@ -47,3 +47,40 @@ def save_tiny_hf(path: str | Path, cfg: dict, *, seed: int = 0) -> Path:
                 p.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return Path(path)
+
+
+#: Tiny reward models (HF sequence classification, num_labels=1) per family.
+REWARD_MODEL_CLASSES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+
+
+def reward_model_config(family: str) -> dict:
+    """A tiny ``<Family>ForSequenceClassification`` config (the family's tiny config, one score)."""
+    cfg = tiny_config(family, tied=False)
+    cfg.update(architectures=[REWARD_MODEL_CLASSES[family]], num_labels=1)
+    return cfg
+
+
+def save_tiny_reward_model(path: str | Path, cfg: dict, *, seed: int = 0) -> Path:
+    """Save a random transformers ``<Family>ForSequenceClassification`` (num_labels=1) to ``path``.
+
+    Norms and biases are randomised like :func:`save_tiny_hf`; the score head gets std
+    1/sqrt(H) so scores are O(1) and a tolerance of 1e-4 is a real test.
+    """
+    import torch
+    import transformers
+
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type")
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cfg["architectures"][0])(hf_cfg).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif name == "score.weight":
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    model.save_pretrained(path)
+    return Path(path)

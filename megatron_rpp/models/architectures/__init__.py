@@ -9,7 +9,7 @@ from __future__ import annotations
 from megatron_rpp.models.architectures.base import ARCHITECTURES, Architecture
 
 # Importing the modules registers them.
-from megatron_rpp.models.architectures import llama, qwen2, qwen3  # noqa: E402,F401
+from megatron_rpp.models.architectures import llama, qwen2, qwen3, sequence_classification  # noqa: E402,F401
 
 
 def get_architecture(name: str) -> Architecture:

@@ -1,0 +1,144 @@
+"""Bradley-Terry reward model on Megatron: a GPTModel trunk with a scalar score head.
+
+    model, spec = build_reward_model(hf_dir, groups)          # this rank's shard, loaded, frozen
+    scores = score_sequences(model, groups, sequences, micro_batch_size=4)  # [B] on the last stage
+    rewards = normalize_scores(scores, mean=0.0, std=1.0)
+
+``hf_dir`` is a HF ``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification``
+folder (architectures/sequence_classification.py maps its weights). The model is split
+over the same TP×PP groups as the policy. The reward of a sequence is the score at its
+last token, which is what HF's sequence classification returns (it pools at the last
+non-padding token). Sequences are right-padded to a micro-batch; causal attention keeps
+the padding from reaching any earlier position, so no pad id is needed.
+
+Letters: B sequences, S longest sequence, H hidden size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_rpp.parallel.groups import ParallelGroups
+
+
+class ScalarHead(torch.nn.Module):
+    """GPTModel's ``output_layer`` for a reward model. Shape: hidden [S, B, H] -> scores [S, B, 1].
+
+    Takes the call GPTModel makes on its (vocab-parallel) output layer and returns
+    ``(output, bias)`` like it. The weight ``score.weight`` [1, H] is replicated on every
+    TP rank, not sharded: its input (the final-norm hidden states) is already whole and
+    identical on every TP rank, so every rank computes the same scores.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dtype: torch.dtype):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, num_labels, bias=False, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
+                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+        if weight is not None:
+            raise ValueError("a score head is never tied to the embedding (build with tie_word_embeddings=False)")
+        return self.score(hidden_states), None
+
+
+def reward_architectures() -> list[str]:
+    """Registered architectures with a score head (valid ``reward.model_dir`` models)."""
+    from megatron_rpp.models.architectures import ARCHITECTURES
+
+    return [n for n in ARCHITECTURES.names() if n.endswith("ForSequenceClassification")]
+
+
+def build_reward_model(
+    hf_dir: str | Path, groups: ParallelGroups, *, dtype: torch.dtype = torch.float32, vocab_size: int | None = None
+):
+    """This rank's shard of the reward model in ``hf_dir``, weights loaded, in eval mode, frozen.
+
+    Args:
+        vocab_size: the policy's vocabulary size, when the reward model scores the policy's
+            token ids (it must then share the policy's tokenizer); a mismatch is an error.
+    Returns:
+        ``(model, spec)``; the model's forward gives scores [B, S, 1] on the last stage.
+    """
+    from megatron_rpp.checkpoint.hf_loader import load_hf_weights
+    from megatron_rpp.models.architectures import architecture_for_config
+    from megatron_rpp.models.provider import build_gpt_model
+    from megatron_rpp.models.spec import load_hf_config
+
+    hf_config = load_hf_config(hf_dir)
+    arch = architecture_for_config(hf_config)
+    spec = arch.model_spec(hf_config).for_tp(groups.tp_size)
+    if spec.head != "score":
+        raise ValueError(
+            f"reward model {str(hf_dir)!r} is a {arch.name}, not a sequence-classification model "
+            f"(supported: {', '.join(reward_architectures())})"
+        )
+    if vocab_size is not None and spec.vocab_size != vocab_size:
+        raise ValueError(
+            f"reward model {str(hf_dir)!r} has vocab_size {spec.vocab_size}, the policy {vocab_size}: "
+            "the reward model scores the policy's token ids and must share its tokenizer"
+        )
+    model = build_gpt_model(spec, groups, dtype=dtype)
+    load_hf_weights(model, groups, arch, spec, hf_dir)
+    model.eval().requires_grad_(False)
+    return model, spec
+
+
+def pad_right(sequences: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    """Token lists -> right-padded ids. Shape: [B, S] long (S = longest sequence)."""
+    out = torch.full((len(sequences), max(map(len, sequences))), pad_id, dtype=torch.long)
+    for b, ids in enumerate(sequences):
+        out[b, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return out
+
+
+def last_token_scores(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The score at each sequence's last real token. Shape: scores [B, S, 1], lengths [B] -> [B] fp32."""
+    assert scores.dim() == 3 and scores.shape[-1] == 1, f"expected scores [B, S, 1], got {tuple(scores.shape)}"
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, lengths.to(scores.device) - 1, 0].float()  # [B, S, 1] -> [B]
+
+
+def normalize_scores(scores: list[float], mean: float, std: float) -> list[float]:
+    """Static normalisation ``(score - mean) / std`` (``reward.model_mean`` / ``reward.model_std``)."""
+    return [(s - mean) / std for s in scores]
+
+
+@torch.no_grad()
+def score_sequences(
+    model, groups: ParallelGroups, sequences: list[list[int]], *, micro_batch_size: int
+) -> list[float] | None:
+    """Reward-model score of each token sequence (prompt + response), in input order.
+
+    Collective over the model's TP×PP group (every rank calls it with the same sequences).
+    Micro-batches hold sequences of similar length (less padding; the results do not
+    depend on the grouping). Runs through Megatron's pipeline schedule, so any PP works.
+
+    Returns:
+        ``B`` floats on every rank of the last pipeline stage; None on other stages.
+    """
+    from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+
+    if not sequences:
+        return [] if groups.is_last_stage else None
+    if min(map(len, sequences)) < 1:
+        raise ValueError("cannot score an empty sequence")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    micro_batches = [
+        MicroBatch(pad_right([sequences[i] for i in c]),
+                   extras={"lengths": torch.tensor([len(sequences[i]) for i in c])})
+        for c in chunks
+    ]
+
+    def loss_fn(scores, mb):  # scores [B, S, 1], identical on every TP rank
+        return scores.new_zeros(()), {"scores": last_token_scores(scores, mb.extras["lengths"])}
+
+    out = forward_backward(model, micro_batches, loss_fn, groups, forward_only=True)
+    if not groups.is_last_stage:
+        return None
+    result = [0.0] * len(sequences)
+    for chunk, aux in zip(chunks, out):
+        for i, v in zip(chunk, aux["scores"].tolist()):
+            result[i] = v
+    return result
