@@ -94,7 +94,7 @@ def run_ranks(
         ctx.Process(
             target=_rank_main,
             args=(r, world_size, port, fn, args, kwargs, child_env, results),
-            daemon=True,
+            daemon=False,  # a rank may start children (dist_checkpointing's writer Manager); killed in finally
         )
         for r in range(world_size)
     ]
