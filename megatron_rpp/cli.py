@@ -52,8 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_rpp.trainer.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except _user_errors() as e:  # a clear one-line reason, no traceback
+        print(f"megatron-rpp: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all a user needs (bad paths, bad rewards, resume, failures)."""
+    from megatron_rpp.data.prompts import DatasetError
+    from megatron_rpp.rewards.scorer import RewardError
+    from megatron_rpp.trainer.checkpointing import ResumeError
+    from megatron_rpp.trainer.failures import NonFiniteStepsError
+    from megatron_rpp.trainer.group import WorkerError
+    from megatron_rpp.trainer.setup import OutputDirError
+
+    return (DatasetError, RewardError, ResumeError, NonFiniteStepsError, WorkerError, OutputDirError)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 RNG_DIR = "rng"
+MODEL_OPTIM_DIR = "model_optim"
 
 
 def _barrier() -> None:
@@ -81,18 +82,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_rng(path: str | Path, rank: int) -> None:
+def save_rng(path: str | Path, name: str) -> None:
+    """This process's RNG states as ``<path>/rng/<name>.pkl`` (``rank_00003``, ``controller``)."""
     d = Path(path) / RNG_DIR
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"rank_{rank:05d}.pkl", "wb") as f:
+    with open(d / f"{name}.pkl", "wb") as f:
         pickle.dump(rng_state(), f)
 
 
-def load_rng(path: str | Path, rank: int, world_size: int) -> bool:
-    """Restore this rank's RNG states if the checkpoint was saved by the same world size."""
+def load_rng(path: str | Path, name: str, *, expect_ranks: int | None = None) -> bool:
+    """Restore the RNG states saved under ``name``. With ``expect_ranks``, only when the
+    checkpoint holds exactly that many ``rank_*`` files (the world size is unchanged)."""
     d = Path(path) / RNG_DIR
-    if len(list(d.glob("rank_*.pkl"))) != world_size:
+    if expect_ranks is not None and len(list(d.glob("rank_*.pkl"))) != expect_ranks:
         return False
-    with open(d / f"rank_{rank:05d}.pkl", "rb") as f:
+    if not (d / f"{name}.pkl").is_file():
+        return False
+    with open(d / f"{name}.pkl", "rb") as f:
         set_rng_state(pickle.load(f))
     return True

@@ -169,7 +169,18 @@ class TrainerConfig:
     eval_interval: int = 0
     """Evaluate on held-out prompts every this many steps (0 = only at start and end)."""
     save_interval: int = 0
-    """Save a checkpoint every this many steps (0 = only the final export). Not implemented yet: must be 0."""
+    """Save a resumable checkpoint (policy weights, optimizer state, data position, RNG,
+    reward-normalisation and KL-controller state) under output_dir/checkpoints every this many
+    steps (0 = never; the final policy is still exported). Written atomically (temp folder + rename)."""
+    keep_checkpoints: int = 2
+    """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
+    resume: str = "none"
+    """``none``: start fresh (an output_dir that already holds checkpoints is an error);
+    ``auto``: continue from the newest complete checkpoint in output_dir (fresh start if none;
+    partial/truncated ones are skipped); or the path of one checkpoint folder."""
+    max_nonfinite_steps_in_a_row: int = 3
+    """An optimizer step whose loss or gradient is NaN/inf is skipped and counted; the run
+    stops after this many skipped steps in a row."""
     export_hf: bool = True
     """Export the final policy as a HF checkpoint under output_dir/hf."""
     progress: bool = True

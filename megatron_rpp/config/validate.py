@@ -49,6 +49,8 @@ def validate(cfg: Config) -> None:
         ("trainer.num_epochs", t.num_epochs),
         ("trainer.lr", t.lr),
         ("trainer.num_workers", t.num_workers),
+        ("trainer.keep_checkpoints", t.keep_checkpoints),
+        ("trainer.max_nonfinite_steps_in_a_row", t.max_nonfinite_steps_in_a_row),
         ("reward.clip", cfg.reward.clip),
         ("reward.model_std", cfg.reward.model_std),
         ("reward.remote_timeout_s", cfg.reward.remote_timeout_s),
@@ -88,9 +90,8 @@ def validate(cfg: Config) -> None:
             f"trainer.train_batch_size ({t.train_batch_size}) must be a multiple of data-parallel size ({dp}) × "
             f"trainer.micro_batch_size ({t.micro_batch_size})"
         )
-    if t.save_interval:
-        raise ConfigError("trainer.save_interval: periodic checkpoints and resume are not implemented yet "
-                          "(only the final checkpoint/HF export is written); allowed value: 0")
+    if not t.resume:
+        raise ConfigError("trainer.resume: must not be empty; allowed values: none, auto, or a checkpoint folder path")
     if d.source in ("jsonl", "parquet") and not d.path:
         raise ConfigError(f"data.path: required when data.source is {d.source!r}")
     if cfg.reward.model_dir and cfg.reward.remote_url:

@@ -9,10 +9,13 @@ if TYPE_CHECKING:
 
 
 def make_scorer(cfg: RewardConfig):
-    """The scorer ``cfg`` asks for: the endpoint ``remote_url`` when set, else ``function`` (in a process pool).
+    """The scorer ``cfg`` asks for: the endpoint ``remote_url`` when set, else ``function`` (in a process pool);
+    None when a reward model (``model_dir``) scores on the workers instead.
 
     Both score ``(prompts, responses, samples) -> list[float]`` and have ``close()``.
     """
+    if cfg.model_dir:
+        return None
     if cfg.remote_url:
         from megatron_rpp.rewards.remote import RemoteRewardScorer
 

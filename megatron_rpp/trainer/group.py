@@ -40,7 +40,10 @@ class LocalWorkerGroup:
 class RayWorkerGroup:
     """N Ray actors forming one torch.distributed world (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, cfg: Config, hf_dir: str, num_workers: int, *, call_timeout_s: float = 3600.0):
+    def __init__(self, cfg: Config, hf_dir: str, num_workers: int, *, call_timeout_s: float = 3600.0,
+                 worker_cls: type | None = None):
+        """``worker_cls``: the rank class (default :class:`Worker`), constructed as
+        ``worker_cls(rank, world_size, master_port, cfg, hf_dir)`` in each actor."""
         import ray
         import torch
 
@@ -60,10 +63,11 @@ class RayWorkerGroup:
         bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 0.001}
         self.pg = placement_group([bundle] * num_workers, strategy="PACK")
         ray.get(self.pg.ready(), timeout=300)
-        actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(Worker)
+        actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(worker_cls or Worker)
         port = free_port()
         self.size = num_workers
         self.timeout = call_timeout_s
+        self.failed = False  # after a failure the survivors may be stuck in a collective
         self.workers = [
             actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
@@ -88,16 +92,21 @@ class RayWorkerGroup:
                     raise WorkerError(f"{method} did not finish within {self.timeout:.0f} s")
                 ray.get(done)  # raises the worker's error at once, while others may still run
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            self.failed = True
             raise WorkerError(f"worker failed in {method}: {e}") from e
+        except WorkerError:
+            self.failed = True
+            raise
         return ray.get(refs)
 
     def shutdown(self) -> None:
         import ray
 
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
-        except Exception:
-            pass
+        if not self.failed:  # survivors of a failure are killed at once, not asked to shut down
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+            except Exception:
+                pass
         for w in self.workers:
             ray.kill(w)
         ray.util.remove_placement_group(self.pg)

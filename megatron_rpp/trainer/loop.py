@@ -15,7 +15,9 @@ import torch
 from megatron_rpp.algorithms.advantages import AdvantageConfig, compute_advantages
 from megatron_rpp.algorithms.kl import kl_estimate
 from megatron_rpp.config import Config, save_config
-from megatron_rpp.trainer import phases
+from megatron_rpp.checkpoint.train_state import load_rng, save_rng
+from megatron_rpp.trainer import checkpointing, phases
+from megatron_rpp.trainer.failures import NonFiniteGuard
 from megatron_rpp.trainer.setup import RunContext, setup_run
 from megatron_rpp.utils.logging import Progress, Timer, plot_rewards
 
@@ -34,9 +36,8 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     a = cfg.algorithm
     with timer("generate"):
         prompts = ctx.stream.next_batch(cfg.rollout.rollout_batch_size)
-        sampling = phases.sampling_args(cfg, n=cfg.rollout.n_samples_per_prompt,
-                                        temperature=cfg.rollout.temperature, seed=cfg.trainer.seed + step)
-        seqs = phases.generate(group, prompts, sampling)
+        sampling = phases.sampling_args(cfg, n=cfg.rollout.n_samples_per_prompt, temperature=cfg.rollout.temperature)
+        seqs = phases.generate(group, prompts, sampling, rng_seed=cfg.trainer.seed + step)
     with timer("reward"):
         raw = phases.sequence_rewards(group, layout, cfg, ctx.scorer, ctx.tokenizer, seqs)
         rewards = torch.tensor(raw, dtype=torch.float32)
@@ -65,7 +66,8 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         for b, s in enumerate(seqs):
             s["advantages"] = out.advantages[b, : len(s["response_ids"])].tolist()
     with timer("train"):
-        train = phases.mean_metrics(phases.train_minibatches(group, layout, cfg, seqs))
+        results = phases.train_minibatches(group, layout, cfg, seqs)
+        train = phases.mean_metrics(results)
     with timer("weight_sync"):
         sync = group.call("sync_weights")[0]
         every = cfg.rollout.check_sync_interval
@@ -84,30 +86,47 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         "weight_sync/bytes": float(sync.get("bytes", 0)), "weight_sync/buckets": float(sync.get("buckets", 0)),
         **({"weight_sync/check_max_abs_diff": check["max_abs_diff"]} if check else {}),
         "_tokens": float(sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)),
+        "_applied": [bool(r["update_ok"]) for r in results],
     }
 
 
 def train(cfg: Config) -> dict:
-    """Run the whole training job; returns the final summary (also written to summary.json)."""
-    ctx = setup_run(cfg)
-    out_dir, timer, t = Path(cfg.trainer.output_dir), Timer(), cfg.trainer
+    """Run the whole training job (or continue it, see ``trainer.resume``); returns the final
+    summary (also written to summary.json)."""
+    t = cfg.trainer
+    out_dir, timer = Path(t.output_dir), Timer()
+    resume_from = checkpointing.resolve_resume(t.resume, out_dir)  # before anything starts
+    resume_state = checkpointing.validate(resume_from) if resume_from else None
+    ctx = setup_run(cfg, resume_step=resume_state["step"] if resume_state else None)
     save_config(cfg, out_dir / "config.yaml")
-    progress = Progress(t.steps, enabled=t.progress)
+    start = resume_state["step"] if resume_state else 0
+    progress = Progress(t.steps, enabled=t.progress, initial=start)
     try:
-        first_eval = phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer)
-        ctx.logger.log(0, first_eval)
-        for step in range(1, t.steps + 1):
+        if resume_state:
+            guard = restore(ctx, resume_from, resume_state)
+            first_eval = next((h for h in ctx.logger.history if h["step"] == 0), {})
+            print(f"[megatron-rpp] resumed from {resume_from} (step {resume_state['step']})")
+        else:
+            guard = NonFiniteGuard(t.max_nonfinite_steps_in_a_row)
+            first_eval = phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer, ctx.layout)
+            ctx.logger.log(0, first_eval)
+        for step in range(start + 1, t.steps + 1):
             t0 = time.perf_counter()
             metrics = iteration(ctx, step, timer)
+            metrics["train/skipped_steps"] = guard.update(metrics.pop("_applied"), step)
             if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
                 with timer("eval"):
-                    metrics.update(phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer))
-            metrics.update(timer.pop())
+                    metrics.update(phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer,
+                                                   ctx.layout))
+            metrics.update(timer.pop())  # a checkpoint's save time is in the next step's row
             elapsed = time.perf_counter() - t0
             metrics["timing/step"] = elapsed
             metrics["throughput/tokens_per_s"] = metrics.pop("_tokens") / elapsed
-            ctx.logger.log(step, metrics)
+            ctx.logger.log(step, metrics)  # before the checkpoint: a checkpoint never lacks its rows
             progress.update(metrics)
+            if t.save_interval and step % t.save_interval == 0:
+                with timer("checkpoint"):
+                    save(ctx, step, guard)
         progress.close()
         if t.export_hf:
             ctx.group.call("export_hf", [(str(out_dir / "hf"),)] * ctx.group.size)
@@ -115,6 +134,41 @@ def train(cfg: Config) -> dict:
     finally:
         progress.close()
         ctx.close()
+
+
+def save(ctx: RunContext, step: int, guard: NonFiniteGuard) -> Path:
+    """A complete, atomic checkpoint of the run after ``step`` (workers + controller state)."""
+    cfg = ctx.cfg
+    tmp = checkpointing.begin_save(cfg.trainer.output_dir, step)
+    ctx.group.call("save_checkpoint", [(str(tmp),)] * ctx.group.size)
+    save_rng(tmp, "controller")
+    save_config(cfg, tmp / "config.yaml")
+    state = {
+        "step": step,
+        "data_stream": ctx.stream.state_dict(),
+        "reward_norm": ctx.reward_norm.state_dict() if ctx.reward_norm is not None else None,
+        # REINFORCE++ uses a fixed β; kept so an adaptive controller can resume too.
+        "kl_controller": {"type": "fixed", "kl_coef": cfg.algorithm.kl_coef},
+        "nonfinite": guard.state_dict(),
+        "layout": {"num_workers": cfg.trainer.num_workers, "tensor_parallel_size": cfg.model.tensor_parallel_size,
+                   "pipeline_parallel_size": cfg.model.pipeline_parallel_size},
+    }
+    return checkpointing.finish_save(tmp, state, keep=cfg.trainer.keep_checkpoints)
+
+
+def restore(ctx: RunContext, folder: Path, state: dict) -> NonFiniteGuard:
+    """Load a checkpoint into the workers (any DP size) and the controller; returns the guard."""
+    cfg = ctx.cfg
+    ctx.group.call("load_checkpoint", [(str(folder),)] * ctx.group.size)
+    load_rng(folder, "controller")
+    ctx.stream.load_state_dict(state["data_stream"])
+    if ctx.reward_norm is not None and state["reward_norm"] is not None:
+        ctx.reward_norm.load_state_dict(state["reward_norm"])
+    saved_kl = state["kl_controller"]["kl_coef"]
+    if saved_kl != cfg.algorithm.kl_coef:
+        print(f"[megatron-rpp] note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, the checkpoint used {saved_kl}")
+    nf = state["nonfinite"]
+    return NonFiniteGuard(cfg.trainer.max_nonfinite_steps_in_a_row, in_a_row=nf["in_a_row"], total=nf["total"])
 
 
 def summarize(ctx: RunContext, first_eval: dict) -> dict:

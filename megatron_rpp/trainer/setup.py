@@ -57,11 +57,13 @@ class RunContext:
 
     def close(self) -> None:
         self.logger.close()
-        self.scorer.close()
+        if self.scorer is not None:
+            self.scorer.close()
         self.group.shutdown()
 
 
-def setup_run(cfg: Config) -> RunContext:
+def setup_run(cfg: Config, resume_step: int | None = None) -> RunContext:
+    """Build everything; ``resume_step``: keep metrics.jsonl rows up to that step (else start it anew)."""
     from transformers import AutoTokenizer
 
     from megatron_rpp.algorithms.reward_norm import RunningRewardNorm
@@ -71,8 +73,6 @@ def setup_run(cfg: Config) -> RunContext:
     from megatron_rpp.utils.logging import MetricsLogger
 
     out = check_output_dir(cfg.trainer.output_dir)
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run; resuming is a separate mode
     hf_dir = resolve_hf_dir(cfg.model.hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     train_rows, eval_rows = load_rows(cfg.data)
@@ -88,5 +88,5 @@ def setup_run(cfg: Config) -> RunContext:
         cfg=cfg, tokenizer=tokenizer, stream=PromptStream(train_prompts, cfg.data.seed), eval_prompts=eval_prompts,
         skipped_prompts=skipped + skipped_eval, scorer=scorer,
         reward_norm=RunningRewardNorm() if cfg.reward.normalize else None,
-        group=group, layout=layout, logger=MetricsLogger(out),
+        group=group, layout=layout, logger=MetricsLogger(out, resume_step=resume_step),
     )

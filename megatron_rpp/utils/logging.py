@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,10 +32,24 @@ class Timer:
 class MetricsLogger:
     """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        """``resume_step`` None: a fresh run (an old metrics.jsonl is replaced); else the rows up to
+        that step are kept (rewritten atomically) and later ones dropped — they are redone."""
         self.dir = Path(output_dir)
         self.path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by a kill: that step is redone
+                    print(f"[megatron-rpp] {self.path}:{n}: dropping an incomplete row", file=sys.stderr)
+                    continue
+                if row["step"] <= resume_step:
+                    self.history.append(row)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, self.path)
         self._tb = None
         if tensorboard:
             try:
