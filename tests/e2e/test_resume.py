@@ -70,12 +70,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
 
     # The same run, killed with SIGKILL as soon as its step-2 checkpoint is complete.
-    victim = subprocess.Popen(_cmd(hf, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT, start_new_session=True)
+    log = tmp_path / "killed.log"  # a file, not a pipe nobody reads (a full pipe would block the run)
+    with open(log, "w") as sink:
+        victim = subprocess.Popen(_cmd(hf, killed), stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  start_new_session=True)
     latest, deadline = killed / "checkpoints" / "latest", time.monotonic() + 600
     while not (latest.is_file() and latest.read_text().strip() == "step_00000002"):
-        assert victim.poll() is None, victim.stderr.read()[-6000:]
-        assert time.monotonic() < deadline, "no step-2 checkpoint within 600 s"
+        assert victim.poll() is None, log.read_text()[-6000:]
+        assert time.monotonic() < deadline, "no step-2 checkpoint within 600 s:\n" + log.read_text()[-6000:]
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)  # the whole session: controller and its engine/scorer children
     victim.wait(timeout=60)

@@ -64,10 +64,19 @@ def test_two_ray_workers(tmp_path, layout, estimator):
     # check_sync_interval=1: after every step's sync each engine's log-probs must equal the
     # trainer's on probe sequences (the run fails otherwise); the max gap is logged.
     rows = _run(tmp_path, "trainer.num_workers=2", layout, f"algorithm.estimator={estimator}",
-                "rollout.check_sync_interval=1", "trainer.export_hf=false")
+                "rollout.check_sync_interval=1", "trainer.export_hf=false", "trainer.save_interval=2")
     for r in rows[1:]:
         assert r["weight_sync/check_max_abs_diff"] < 1e-4
         assert r["rollout/logprob_abs_diff"] < 1e-3
+    if layout.endswith("=1"):
+        # The DP=2 run's step-2 checkpoint, resumed by ONE in-process worker (DP=1) for a third
+        # step: the engine must hold the resumed weights (self-check after the load's sync and
+        # after step 3; the rollout gap is of the resumed policy, not of the base model).
+        resumed = _run(tmp_path, "trainer.num_workers=1", "trainer.resume=auto", "trainer.steps=3",
+                       f"algorithm.estimator={estimator}", "rollout.check_sync_interval=1", "trainer.export_hf=false")
+        assert [json.dumps(r, sort_keys=True) for r in resumed[:3]] == [json.dumps(r, sort_keys=True) for r in rows[:3]]
+        assert resumed[3]["weight_sync/check_max_abs_diff"] < 1e-4
+        assert resumed[3]["rollout/logprob_abs_diff"] < 1e-3
 
 
 def test_bad_config_names_key_and_allowed_values():
