@@ -47,24 +47,36 @@ def _run_all(rank: int, world: int, group) -> dict:
     logits, labels, ref_log_probs, weights, hidden, out_weight = _data()
     shard = slice(rank * V // world, (rank + 1) * V // world)
     results = {}
-    for backend in ("torch", "triton"):
-        os.environ[BACKEND_ENV] = backend
-        x = logits[..., shard].clone().requires_grad_()
-        out = vocab_parallel_log_probs_and_kl(x, labels, ref_log_probs, kl_estimator="k3", tp_group=group,
-                                              temperature=TEMPERATURE, with_entropy=True)
-        _loss(out, weights).backward()
-        plain = vocab_parallel_log_probs(logits[..., shard], labels, tp_group=group, temperature=TEMPERATURE)
-        h, w = hidden.clone().requires_grad_(), out_weight[shard].clone().requires_grad_()
-        lin = fused_linear_log_probs_and_kl(h, w, labels, ref_log_probs, kl_estimator="k2", tp_group=group,
-                                            temperature=TEMPERATURE, with_entropy=True)
-        _loss(lin, weights).backward()
-        results[backend] = {
-            "log_probs": out.log_probs.detach(), "entropy": out.entropy.detach(), "kl": out.kl.detach(),
-            "plain": plain, "grad_logits": x.grad,
-            "lin_log_probs": lin.log_probs.detach(), "lin_entropy": lin.entropy.detach(),
-            "lin_kl": lin.kl.detach(), "grad_hidden": h.grad, "grad_weight": w.grad,
-        }
+    saved = os.environ.get(BACKEND_ENV)
+    try:
+        for backend in ("torch", "triton"):
+            os.environ[BACKEND_ENV] = backend
+            results[backend] = _run_backend(logits, labels, ref_log_probs, weights, hidden, out_weight, shard, group)
+    finally:  # this also runs in the pytest process: never leak the backend into later tests' subprocesses
+        if saved is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = saved
     return results
+
+
+def _run_backend(logits, labels, ref_log_probs, weights, hidden, out_weight, shard, group) -> dict:
+    """One backend's outputs and gradients (the backend is chosen by the environment)."""
+    x = logits[..., shard].clone().requires_grad_()
+    out = vocab_parallel_log_probs_and_kl(x, labels, ref_log_probs, kl_estimator="k3", tp_group=group,
+                                          temperature=TEMPERATURE, with_entropy=True)
+    _loss(out, weights).backward()
+    plain = vocab_parallel_log_probs(logits[..., shard], labels, tp_group=group, temperature=TEMPERATURE)
+    h, w = hidden.clone().requires_grad_(), out_weight[shard].clone().requires_grad_()
+    lin = fused_linear_log_probs_and_kl(h, w, labels, ref_log_probs, kl_estimator="k2", tp_group=group,
+                                        temperature=TEMPERATURE, with_entropy=True)
+    _loss(lin, weights).backward()
+    return {
+        "log_probs": out.log_probs.detach(), "entropy": out.entropy.detach(), "kl": out.kl.detach(),
+        "plain": plain, "grad_logits": x.grad,
+        "lin_log_probs": lin.log_probs.detach(), "lin_entropy": lin.entropy.detach(),
+        "lin_kl": lin.kl.detach(), "grad_hidden": h.grad, "grad_weight": w.grad,
+    }
 
 
 def _tp_rank() -> dict:

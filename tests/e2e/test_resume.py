@@ -63,14 +63,17 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     hf = make_tiny_hf_dir(tmp_path / "tiny_llama_hf")
     full, killed = tmp_path / "full", tmp_path / "killed"
 
+    t0 = time.monotonic()
     proc = subprocess.run(_cmd(hf, full), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-6000:]
+    print(f"uninterrupted run: {time.monotonic() - t0:.0f} s")
     ckpts = full / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000004"]
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
 
     # The same run, killed with SIGKILL as soon as its step-2 checkpoint is complete.
     log = tmp_path / "killed.log"  # a file, not a pipe nobody reads (a full pipe would block the run)
+    t0 = time.monotonic()
     with open(log, "w") as sink:
         victim = subprocess.Popen(_cmd(hf, killed), stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
                                   start_new_session=True)
@@ -79,6 +82,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         assert victim.poll() is None, log.read_text()[-6000:]
         assert time.monotonic() < deadline, "no step-2 checkpoint within 600 s:\n" + log.read_text()[-6000:]
         time.sleep(0.05)
+    print(f"killed run up to its step-2 checkpoint: {time.monotonic() - t0:.0f} s")
     os.killpg(victim.pid, signal.SIGKILL)  # the whole session: controller and its engine/scorer children
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
@@ -91,9 +95,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     with open(biggest, "r+b") as f:
         f.truncate(biggest.stat().st_size // 2)
 
+    t0 = time.monotonic()
     proc = subprocess.run(_cmd(hf, killed, "trainer.resume=auto"), capture_output=True, text=True, timeout=900,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-6000:]
+    print(f"resumed run: {time.monotonic() - t0:.0f} s")
     assert "ignoring incomplete checkpoint" in proc.stderr and "step_00000004" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
 
