@@ -8,6 +8,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def _publish(model, tok_dir: Path, path: Path) -> Path:
+    """Save ``model`` with SmolLM2's tokenizer files into ``path`` (via a temporary folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    for f in TOKENIZER_FILES:
+        if (tok_dir / f).is_file():
+            shutil.copy(tok_dir / f, tmp / f)
+    tmp.rename(path)
+    return path
+
+
 def make_tiny_hf_dir(path: str | Path, arch: str = "llama", *, tied: bool = False, seed: int = 0) -> Path:
     """A 2-layer random model of ``arch`` with SmolLM2's tokenizer and vocabulary (49152)."""
     import torch
@@ -28,13 +39,7 @@ def make_tiny_hf_dir(path: str | Path, arch: str = "llama", *, tied: bool = Fals
     hf_cfg = transformers.AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    for f in TOKENIZER_FILES:
-        if (tok_dir / f).is_file():
-            shutil.copy(tok_dir / f, tmp / f)
-    tmp.rename(path)
-    return path
+    return _publish(model, tok_dir, path)
 
 
 def make_tiny_reward_hf_dir(path: str | Path, *, seed: int = 1) -> Path:
@@ -60,10 +65,4 @@ def make_tiny_reward_hf_dir(path: str | Path, *, seed: int = 1) -> Path:
     model = transformers.LlamaForSequenceClassification(hf_cfg).to(torch.float32)
     with torch.no_grad():
         model.score.weight.normal_(0.0, hf_cfg.hidden_size ** -0.5)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    for f in TOKENIZER_FILES:
-        if (tok_dir / f).is_file():
-            shutil.copy(tok_dir / f, tmp / f)
-    tmp.rename(path)
-    return path
+    return _publish(model, tok_dir, path)
