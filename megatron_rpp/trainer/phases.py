@@ -129,16 +129,16 @@ def reward_model_scores(group, layout: Layout, seqs: list[dict]) -> list[float]:
     return scores
 
 
-def sequence_rewards(group, layout: Layout | None, cfg: Config, scorer, tokenizer, seqs: list[dict]) -> list[float]:
+def sequence_rewards(group, layout: Layout, cfg: Config, scorer, tokenizer, seqs: list[dict]) -> list[float]:
     """One reward per sequence: the reward model's score when ``reward.model_dir`` is set,
-    else ``scorer`` on the decoded response text. ``layout`` None: asked from the workers."""
+    else ``scorer`` on the decoded response text."""
     if cfg.reward.model_dir:
-        return reward_model_scores(group, layout or Layout.from_infos(group.call("info")), seqs)
+        return reward_model_scores(group, layout, seqs)
     texts = [tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in seqs]
     return scorer([s["prompt"] for s in seqs], texts, [s["sample"] for s in seqs])
 
 
-def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layout: Layout | None = None) -> dict:
+def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layout: Layout) -> dict:
     """Mean reward of one generation per held-out prompt at ``eval_temperature``."""
     if not prompts:
         return {}
