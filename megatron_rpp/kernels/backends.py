@@ -24,13 +24,14 @@ Shape letters: N rows, V/tp vocabulary shard (columns).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "TorchBackend", "BACKEND_ENV", "BACKENDS", "resolve_backend"]
+__all__ = ["Backend", "TorchBackend", "BACKEND_ENV", "BACKENDS", "native_cpu_matmul", "resolve_backend"]
 
 BACKEND_ENV = "MEGATRON_RPP_KERNEL_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -39,8 +40,11 @@ BACKENDS = ("auto", "torch", "triton")
 class Backend(Protocol):
     name: str
 
-    def row_stats(self, logits: Tensor, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    def row_stats(self, logits: Tensor, temperature: float, with_entropy: bool,
+                  scratch: bool = False) -> tuple[Tensor, Tensor | None]:
         """lse and entropy of softmax(logits / temperature) over this block's columns.
+
+        ``scratch=True``: the caller no longer needs ``logits`` and the backend may overwrite them.
 
         Shape: logits [N, V/tp] (rows contiguous) -> lse [N] fp32, entropy [N] fp32 or None.
         """
@@ -60,7 +64,7 @@ class Backend(Protocol):
         """Write dL/dlogits into ``out`` and return it (``shard_math`` module docstring).
 
         ``lse``/``entropy`` are the whole-vocabulary values; ``local_labels`` is −1 where the
-        label is not in this block.
+        label is not in this block. ``out`` may be ``logits`` itself (computed in place).
 
         Shape: logits, out [N, V/tp]; every other tensor [N].
         """
@@ -78,67 +82,104 @@ class TorchBackend:
     def _rows_per_chunk(self, n_cols: int) -> int:
         return max(1, self.chunk_elements // max(1, n_cols))
 
-    def _buffers(self, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-        shape = (min(rows, logits.shape[0]), logits.shape[1])
-        return (torch.empty(shape, dtype=torch.float32, device=logits.device),
-                torch.empty(shape, dtype=torch.float32, device=logits.device))
-
-    def row_stats(self, logits: Tensor, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    def row_stats(self, logits: Tensor, temperature: float, with_entropy: bool,
+                  scratch: bool = False) -> tuple[Tensor, Tensor | None]:
         n_rows, n_cols = logits.shape
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(lse) if with_entropy else None
-        rows = self._rows_per_chunk(n_cols)
-        buf_z, buf_p = self._buffers(logits, rows)
+        in_place = scratch and logits.dtype == torch.float32  # z lives in the logits themselves
+        rows = n_rows if in_place and not with_entropy else self._rows_per_chunk(n_cols)
+        buf_z = None if in_place else _buffer(logits, rows)
+        buf_p = _buffer(logits, rows) if with_entropy else None
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
-            z = _scaled_chunk(logits[start:stop], temperature, buf_z[: stop - start])
+            z = _scaled_chunk(logits[start:stop], temperature, None if in_place else buf_z[: stop - start])
             m = z.amax(dim=-1, keepdim=True)  # [n, V/tp] -> [n, 1]
             m = torch.where(m > -torch.inf, m, torch.zeros_like(m))  # all −inf row: keep finite
             shifted = z.sub_(m)  # z − m ≤ 0, in place
+            if entropy is None:
+                s = shifted.exp_().sum(dim=-1)  # [n, V/tp] -> [n]; z is not needed any more
+                lse[start:stop] = m.squeeze(-1) + s.log()
+                continue
             p = torch.exp(shifted, out=buf_p[: stop - start])
             s = p.sum(dim=-1)  # [n, V/tp] -> [n]
             log_s = s.log()
             lse[start:stop] = m.squeeze(-1) + log_s
-            if entropy is not None:
-                # H = log s − Σ p (z − m) / s; clamping −inf to the lowest finite float
-                # makes 0 · (z − m) = 0 where z = −inf.
-                shifted.clamp_(min=_FLOAT32_MIN)
-                t = torch.linalg.vecdot(p, shifted)  # [n, V/tp] -> [n]
-                entropy[start:stop] = torch.where(s > 0, log_s - t / s, torch.zeros_like(s))
+            # H = log s − Σ p (z − m) / s; clamping −inf to the lowest finite float
+            # makes 0 · (z − m) = 0 where z = −inf.
+            shifted.clamp_(min=_FLOAT32_MIN)
+            t = torch.linalg.vecdot(p, shifted)  # [n, V/tp] -> [n]
+            entropy[start:stop] = torch.where(s > 0, log_s - t / s, torch.zeros_like(s))
         return lse, entropy
 
     def grad(self, logits, local_labels, lse, entropy, coef_log_probs, coef_entropy, temperature, out):
         n_rows, n_cols = logits.shape
-        rows = self._rows_per_chunk(n_cols)
-        buf_z, buf_p = self._buffers(logits, rows)
+        # out is the logits themselves: work in place, chunk by chunk, no copy.
+        in_place = out.dtype == torch.float32 and out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
+        rows = n_rows if in_place and coef_entropy is None else self._rows_per_chunk(n_cols)
+        buf_z = None if in_place else _buffer(logits, rows)
+        buf_p = _buffer(logits, rows) if coef_entropy is not None else None
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
-            log_p = _scaled_chunk(logits[start:stop], temperature, buf_z[: stop - start])
+            log_p = _scaled_chunk(logits[start:stop], temperature, None if in_place else buf_z[: stop - start])
             log_p.sub_(lse[start:stop, None])  # log p = z − lse
-            p = torch.exp(log_p, out=buf_p[: stop - start])
             a = coef_log_probs[start:stop, None]
             if coef_entropy is not None:
                 # g = −a p − b p (log p + H)  (log p + H is finite wherever p > 0)
+                p = torch.exp(log_p, out=buf_p[: stop - start])
                 log_p.clamp_(min=_FLOAT32_MIN).add_(entropy[start:stop, None]).mul_(p)
                 g = log_p.mul_(-coef_entropy[start:stop, None]).sub_(p.mul_(a))
             else:
-                g = p.mul_(-a)
+                g = log_p.exp_().mul_(-a)  # −a p
             labels = local_labels[start:stop]
             hit = labels >= 0
             rows_hit = torch.nonzero(hit).squeeze(-1)
             g[rows_hit, labels[rows_hit]] += a.squeeze(-1)[rows_hit]  # + a · 1[v = y]
             if temperature != 1.0:
                 g.div_(temperature)
-            out[start:stop].copy_(g)
+            if not in_place:
+                out[start:stop].copy_(g)
         return out
 
 
-def _scaled_chunk(chunk: Tensor, temperature: float, buf: Tensor) -> Tensor:
-    """buf ← chunk.float() / temperature (buf [n, V/tp] fp32, reused across chunks)."""
+def _buffer(logits: Tensor, rows: int) -> Tensor:
+    """A reusable fp32 [min(rows, N), V/tp] chunk buffer."""
+    return torch.empty((min(rows, logits.shape[0]), logits.shape[1]), dtype=torch.float32, device=logits.device)
+
+
+def _scaled_chunk(chunk: Tensor, temperature: float, buf: Tensor | None) -> Tensor:
+    """chunk.float() / temperature, in ``buf`` (fp32, reused across chunks) or in place when buf is None."""
+    if buf is None:
+        return chunk.div_(temperature) if temperature != 1.0 else chunk
     buf.copy_(chunk)
     if temperature != 1.0:
         buf.div_(temperature)
     return buf
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_NATIVE_CPU_MATMUL_FLAGS = {torch.bfloat16: {"amx_bf16", "avx512_bf16"}}
+
+
+def native_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (bf16: AMX or AVX512-BF16).
+
+    Elsewhere torch emulates half precision at a small fraction of fp32 speed. (fp16 is
+    not listed: torch's CPU fp16 matmul runs at fp32 speed even with AVX512-FP16.)
+    """
+    return bool(_cpu_flags() & _NATIVE_CPU_MATMUL_FLAGS.get(dtype, set()))
 
 
 _FLOAT32_MIN = torch.finfo(torch.float32).min

@@ -12,8 +12,11 @@ Tensor parallelism: ``weight`` is this rank's vocabulary shard of the output lay
 stands for the whole column-parallel output layer, its input copy-to-TP-region included.
 With sequence parallelism, all-gather the hidden states first.
 
-Matmuls run in the inputs' dtype on accelerators and in fp32 on CPU (CPU half-precision
-matmuls are orders of magnitude slower there); the statistics and gradients accumulate in fp32.
+Matmuls run in the inputs' dtype on accelerators, and on CPUs that multiply bf16 in
+hardware (AMX or AVX512-BF16; then bf16 logits, like the naive path and Megatron's output
+layer). Other CPUs compute in fp32: their half-precision matmuls are orders of magnitude
+slower. The statistics and gradients accumulate in fp32. Each tile is scratch: the
+forward reduces it in place, the backward turns it into dL/dlogits in place.
 
 Shape letters: N tokens ([...] flattens to N), H hidden, V/tp vocabulary shard.
 """
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_rpp.kernels.backends import resolve_backend
+from megatron_rpp.kernels.backends import native_cpu_matmul, resolve_backend
 from megatron_rpp.kernels.log_probs import (
     LogProbsAndKL,
     Options,
@@ -48,7 +51,9 @@ def chunk_shape(device: torch.device, n_rows: int, n_cols: int) -> tuple[int, in
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.device.type == "cpu" else t.dtype
+    if t.device.type != "cpu" or t.dtype == torch.float32 or native_cpu_matmul(t.dtype):
+        return t.dtype
+    return torch.float32
 
 
 def _tiles(n_rows: int, n_cols: int, rows: int, cols: int):
@@ -76,15 +81,16 @@ class _FusedLinearLogProbs(torch.autograd.Function):
             for n0, n1 in row_ranges:
                 logits = hidden[n0:n1].to(cd) @ w.T  # [n, H] @ [H, v] -> [n, v]
                 local = localize_labels(labels[n0:n1], rank * shard + c0, c1 - c0)
-                lse[n0:n1], ent = opts.backend.row_stats(logits, opts.temperature, opts.with_entropy)
+                target[n0:n1] = target_logits(logits, local, opts.temperature)  # before the tile is reused
+                lse[n0:n1], ent = opts.backend.row_stats(logits, opts.temperature, opts.with_entropy, scratch=True)
                 if entropy is not None:
                     entropy[n0:n1] = ent
-                target[n0:n1] = target_logits(logits, local, opts.temperature)
             chunk = ShardStats(lse, entropy, target)
             running = chunk if running is None else _merge_two(running, chunk)
         stats = combine_across_tp(running, opts)
         valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, shard * world, opts)
         ctx.opts = opts
+        ctx.set_materialize_grads(False)  # unused outputs (e.g. entropy kept for metrics) cost nothing
         ctx.save_for_backward(hidden, weight, labels, valid, stats.lse, stats.entropy, log_probs, ref_log_probs)
         return log_probs, stats.entropy, kl
 
@@ -101,7 +107,6 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         rows, cols = chunk_shape(hidden.device, n_rows, shard)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_weight = torch.empty_like(weight) if need_w else None
-        g_buf = torch.empty((rows, cols), dtype=cd, device=hidden.device)
         for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
             w = weight[c0:c1].to(cd)  # [v, H]
             gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
@@ -111,7 +116,7 @@ class _FusedLinearLogProbs(torch.autograd.Function):
                 local = localize_labels(labels[n0:n1], rank * shard + c0, c1 - c0)
                 g = opts.backend.grad(logits, local, lse[n0:n1], None if entropy is None else entropy[n0:n1],
                                       coef[n0:n1], None if coef_entropy is None else coef_entropy[n0:n1],
-                                      opts.temperature, out=g_buf[: n1 - n0, : c1 - c0])  # dL/dlogits [n, v]
+                                      opts.temperature, out=logits)  # dL/dlogits [n, v], in place
                 if need_h:
                     _add_mm(grad_hidden[n0:n1], g, w)  # [n, v] @ [v, H]
                 if need_w:

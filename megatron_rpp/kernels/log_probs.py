@@ -124,6 +124,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         stats = combine_across_tp(local, opts)
         valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, shard * world, opts)
         ctx.opts = opts
+        ctx.set_materialize_grads(False)  # unused outputs (e.g. entropy kept for metrics) cost nothing
         ctx.save_for_backward(logits, local_labels, valid, stats.lse, stats.entropy, log_probs, ref_log_probs)
         return log_probs, stats.entropy, kl
 

@@ -109,8 +109,9 @@ class TritonBackend:
         block_v = min(self.block_v or block_v, triton.next_power_of_2(max(n_cols, 16)))
         return block_n, block_v
 
-    def row_stats(self, logits: Tensor, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-        n_rows, n_cols = logits.shape
+    def row_stats(self, logits: Tensor, temperature: float, with_entropy: bool,
+                  scratch: bool = False) -> tuple[Tensor, Tensor | None]:
+        n_rows, n_cols = logits.shape  # one streaming read: nothing to gain from scratch
         assert logits.stride(1) == 1, "logits rows must be contiguous"
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(lse) if with_entropy else None
