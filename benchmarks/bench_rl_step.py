@@ -10,8 +10,11 @@ where P is the parameter count, ``extra_forwards`` the scoring forwards the step
 (reference, and old-policy when needed) and ``matmul_rate`` the fp32 GEMM rate measured
 in the same run on this machine. Target: step <= 1.5 x floor + generation time.
 
-    python benchmarks/bench_rl_step.py [--steps 2] [--kl-in-reward]
-Writes benchmarks/results/rl_step.json.
+    python benchmarks/bench_rl_step.py [--steps 2] [--kl-in-reward] [key=value ...]
+
+Trailing ``key=value`` arguments are config overrides (e.g. ``model.fused_output_layer=false``
+to time Megatron's output layer + the logits kernel instead of the fused output layer).
+Writes benchmarks/results/rl_step.json (or ``--out``).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--kl-in-reward", action="store_true", help="KL in the reward (needs an old-policy forward)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rl_step.json"))
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides")
     args = ap.parse_args()
 
     from megatron_rpp.config import load_config
@@ -69,6 +73,7 @@ def main() -> int:
         "trainer.micro_batch_size=8", "trainer.num_workers=1", "trainer.output_dir=/tmp/megatron_rpp_bench_rl_step",
         "trainer.progress=false", "data.num_eval_prompts=0", "algorithm.kl_coef=0.001",
         f"algorithm.kl_use_loss={'false' if args.kl_in_reward else 'true'}", "algorithm.kl_loss_estimator=k2",
+        *args.overrides,
     ]
     cfg = load_config(Path(__file__).parents[1] / "examples/configs/cpu_demo.yaml", overrides)
     ctx = setup_run(cfg)
@@ -98,7 +103,7 @@ def main() -> int:
     trained = tokens  # every token of the batch goes through forward+backward once
     floor = (6 * params * trained + 2 * params * tokens * extra_forwards) / rate
     result = {
-        "matmul_gflops": rate / 1e9, "tokens_per_step": tokens, "extra_forwards": extra_forwards,
+        "overrides": args.overrides, "matmul_gflops": rate / 1e9, "tokens_per_step": tokens, "extra_forwards": extra_forwards,
         "phases_s": avg, "step_s": step_s, "compute_floor_s": floor,
         "target_s": 1.5 * floor + avg["generate"], "ratio_step_over_floor_plus_gen": step_s / (floor + avg["generate"]),
     }

@@ -24,6 +24,10 @@ class ModelConfig:
     """Prompts longer than this many tokens (after the chat template) are skipped and counted."""
     max_response_length: int = 128
     """Maximum number of generated tokens per response."""
+    fused_output_layer: bool = True
+    """Score and train response log-probs straight from the last hidden states with
+    ``fused_linear_log_probs`` (never builds [tokens, V/tp] logits, skips prompt and padding
+    positions); ``false`` = Megatron's output layer, then ``vocab_parallel_log_probs`` on the logits."""
 
 
 @dataclass(frozen=True)

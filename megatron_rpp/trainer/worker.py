@@ -124,22 +124,41 @@ class Worker:
         return check_engine_matches_trainer(self.engine, self.policy, self.groups, probes, max_abs_tol=tolerance)
 
     # ------------------------------------------------------------------ scoring
-    def _token_log_probs(self, logits: torch.Tensor, batch: SeqBatch, *, with_entropy: bool):
-        """Log-probs (and entropy) of the response tokens from vocab-parallel logits.
+    def _token_log_probs(self, output: torch.Tensor, batch: SeqBatch, model, *, with_entropy: bool):
+        """Log-probs (and entropy) of the response tokens from the last stage's output: hidden
+        states with ``model.fused_output_layer`` (:mod:`megatron_rpp.models.lm_head`), else
+        vocab-parallel logits.
 
-        Shape: logits [B, S, V/tp] -> [B, T] fp32.
+        Shape: output [B, S, H] or [B, S, V/tp] -> [B, T] fp32.
         """
+        tp_group = self.groups.tp_group if self.groups.tp_size > 1 else None
+        temperature = self.cfg.rollout.temperature
+        if self.cfg.model.fused_output_layer:
+            from megatron_rpp.models.lm_head import output_weight, response_log_probs
+
+            return response_log_probs(output, output_weight(model), batch.input_ids, batch.resp_index,
+                                      batch.response_mask, tp_group=tp_group, temperature=temperature,
+                                      with_entropy=with_entropy)
         from megatron_rpp.kernels import vocab_parallel_log_probs
 
-        labels = batch.input_ids[:, 1:]
-        out = vocab_parallel_log_probs(
-            logits[:, :-1], labels, tp_group=self.groups.tp_group if self.groups.tp_size > 1 else None,
-            temperature=self.cfg.rollout.temperature, with_entropy=with_entropy,
-        )
+        out = vocab_parallel_log_probs(output[:, :-1], batch.input_ids[:, 1:], tp_group=tp_group,
+                                       temperature=temperature, with_entropy=with_entropy)
         if with_entropy:
             lp, ent = out
             return take_response(lp, batch), take_response(ent, batch)
         return take_response(out, batch), None
+
+    def _forward_backward(self, model, micro_batches, loss_fn, *, forward_only: bool):
+        """Megatron's schedule over ``micro_batches``; the last stage hands ``loss_fn`` hidden
+        states or logits (see :meth:`_token_log_probs`)."""
+        from contextlib import nullcontext
+
+        from megatron_rpp.models.lm_head import hidden_states_output
+        from megatron_rpp.models.pipeline import forward_backward
+
+        head = hidden_states_output(model) if self.cfg.model.fused_output_layer else nullcontext()
+        with head:
+            return forward_backward(model, micro_batches, loss_fn, self.groups, forward_only=forward_only)
 
     def _micro_batches(self, seqs: list[dict]) -> tuple[list[list[dict]], list[list[int]]]:
         """Micro-batches of similar total length (less padding), and each one's original indices.
@@ -155,7 +174,7 @@ class Worker:
     @torch.no_grad()
     def score(self, seqs: list[dict], which: str = "policy") -> list[list[float]] | None:
         """Per-token log-probs of each response under the policy or the reference model."""
-        from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+        from megatron_rpp.models.pipeline import MicroBatch
 
         model = {"policy": self.policy, "ref": self.ref}[which]
         if model is None:
@@ -164,12 +183,12 @@ class Worker:
         chunks, index = self._micro_batches(seqs)
         batches = [pad_sequences(c) for c in chunks]
 
-        def loss_fn(logits, mb):
-            lp, _ = self._token_log_probs(logits, mb.extras["batch"], with_entropy=False)
-            return logits.new_zeros(()), {"lp": lp}
+        def loss_fn(output, mb):
+            lp, _ = self._token_log_probs(output, mb.extras["batch"], model, with_entropy=False)
+            return output.new_zeros(()), {"lp": lp}
 
-        out = forward_backward(model, [MicroBatch(b.input_ids, extras={"batch": b}) for b in batches],
-                               loss_fn, self.groups, forward_only=True)
+        out = self._forward_backward(model, [MicroBatch(b.input_ids, extras={"batch": b}) for b in batches],
+                                     loss_fn, forward_only=True)
         model.train()
         if not self.is_reporter:
             return None
@@ -202,7 +221,7 @@ class Worker:
         ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
         """
         from megatron_rpp.algorithms.policy_loss import PolicyLossConfig, policy_loss
-        from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+        from megatron_rpp.models.pipeline import MicroBatch
 
         a = self.cfg.algorithm
         loss_cfg = PolicyLossConfig(
@@ -223,10 +242,10 @@ class Worker:
                 extras["ref"] = response_tensor(c, "ref_log_probs", T)
             mbs.append(MicroBatch(b.input_ids, extras=extras))
 
-        def loss_fn(logits, mb):
+        def loss_fn(output, mb):
             e = mb.extras
             batch = e["batch"]
-            lp, ent = self._token_log_probs(logits, batch, with_entropy=True)
+            lp, ent = self._token_log_probs(output, batch, self.ddp, with_entropy=True)
             old = e.get("old", lp.detach())
             out = policy_loss(
                 lp, old, e["adv"], batch.response_mask, loss_cfg,
@@ -246,7 +265,7 @@ class Worker:
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        aux = forward_backward(self.ddp, mbs, loss_fn, self.groups, forward_only=False)
+        aux = self._forward_backward(self.ddp, mbs, loss_fn, forward_only=False)
         loss_sum = torch.stack([a["loss"] for a in aux]).sum() if aux else torch.zeros(())
         ok, grad_norm = step_if_finite(self.ddp, self.optimizer, loss_sum)
         metrics: dict[str, Any] = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
