@@ -12,15 +12,21 @@ and HTTP 5xx/429 are retried with exponential backoff (``backoff_s · 2^k``), at
 ``max_retries`` times; any other HTTP status is an error at once. A reply of the wrong
 length, a non-number or a NaN/infinite reward is an error naming the endpoint and the
 sample — never retried, swallowed or zeroed. See docs/rewards.md for an example server.
+
+Before the run builds any model, :meth:`RemoteRewardScorer.check_reachable` opens (and
+closes) a TCP connection to the endpoint's host and port, with the same retries: a wrong
+or dead URL stops the run in seconds, not after the engines have started.
 """
 from __future__ import annotations
 
 import http.client
 import json
 import math
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from megatron_rpp.rewards.scorer import RewardError, describe_sample
@@ -64,16 +70,35 @@ class RemoteRewardScorer:
 
     # -- one chunk -------------------------------------------------------------------------------
 
+    def check_reachable(self) -> None:
+        """Connect to the endpoint's host and port (no request is sent), retrying like a request."""
+        parts = urllib.parse.urlsplit(self.url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+        def connect() -> None:
+            try:
+                socket.create_connection((host, port), timeout=self.timeout_s).close()
+            except TimeoutError:
+                raise _Transient(f"no connection within {self.timeout_s:g}s") from None
+            except OSError as e:
+                raise _Transient(f"{type(e).__name__}: {e.strerror or e}") from None
+
+        self._with_retries(connect, f"cannot connect to {host}:{port}", "the start-up check")
+
     def _post_with_retries(self, prompts: list[str], responses: list[str], samples: list[dict], start: int):
         body = json.dumps({"prompts": prompts, "responses": responses, "samples": samples}, default=str).encode()
         where = f"samples {start}..{start + len(prompts) - 1}"
+        return self._with_retries(lambda: self._post(body), f"no valid reply for {where}", where)
+
+    def _with_retries(self, action, failure: str, where: str):
+        """``action()``, retried with backoff while it raises ``_Transient``; then a RewardError."""
         attempts = 1 + self.max_retries
         for attempt in range(1, attempts + 1):
             try:
-                return self._post(body)
+                return action()
             except _Transient as e:
                 if attempt == attempts:
-                    raise RewardError(f"remote reward {self.url}: no valid reply for {where} after {attempts} "
+                    raise RewardError(f"remote reward {self.url}: {failure} after {attempts} "
                                       f"attempts (timeout {self.timeout_s:g}s each): {e}") from None
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 print(f"[megatron-rpp] WARNING remote reward {self.url}: attempt {attempt}/{attempts} for {where} "

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -81,11 +82,13 @@ def test_remote_reward_survives_a_failing_request_and_stops_when_the_server_is_g
     assert [rows[1]["reward/mean"], rows[2]["reward/mean"]] == pytest.approx([train1, train2], rel=1e-6)
     assert all(math.isfinite(r["reward/mean"]) for r in rows[1:])
 
-    # The server is gone: the run stops at its first scoring with the endpoint named, after 2 attempts.
+    # The server is gone: the start-up check stops the run before any model or engine is built.
     run = _train(tmp_path / "down", server.url, "trainer.steps=1", "reward.remote_max_retries=1")
     assert run.returncode != 0
-    assert f"RewardError: remote reward {server.url}: no valid reply for samples 0..3 after 2 attempts" in run.stderr
-    assert "Connection refused" in run.stderr
-    stop_s = run.seconds_after(f"remote reward {server.url}: attempt 1/2")
+    assert (f"RewardError: remote reward {server.url}: cannot connect to 127.0.0.1:{urlsplit(server.url).port} after 2 attempts"
+            in run.stderr)
+    assert "Connection refused" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "down" / "run" / "metrics.jsonl").exists()
+    stop_s = run.seconds_after(f"remote reward {server.url}: attempt 1/2 for the start-up check")
     print(f"\ndead endpoint: the run exited {stop_s:.1f} s after the first failed attempt ({run.wall_s:.1f} s in all)")
-    assert stop_s < 20  # 1 s backoff, a refused retry, then teardown: not minutes of timeouts
+    assert stop_s < 10  # 1 s backoff, a refused retry, exit: no engine to tear down

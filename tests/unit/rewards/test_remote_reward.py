@@ -108,3 +108,20 @@ def test_config_selects_and_validates_the_endpoint(server):
                           ("reward.remote_batch_size=0", "reward.remote_batch_size")]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, [override])
+
+
+def test_a_dead_endpoint_is_found_before_the_run_starts(server):
+    url = server.url
+    server.stop()
+    cfg = load_config(None, [f"reward.remote_url={url}", "reward.remote_max_retries=1", "reward.remote_timeout_s=2"])
+    t0 = time.perf_counter()
+    with pytest.raises(RewardError, match=rf"remote reward {re.escape(url)}: cannot connect to 127\.0\.0\.1:\d+ "
+                                          r"after 2 attempts .*Connection refused"):
+        make_scorer(cfg.reward)
+    assert time.perf_counter() - t0 < 3.0  # one 1 s backoff, no request timeouts
+    assert server.requests == []
+
+
+def test_the_start_up_check_sends_no_request(server):
+    _scorer(server.url).check_reachable()
+    assert server.requests == []
