@@ -171,6 +171,14 @@ def worker(spec: dict) -> dict:
 # ---- driver -------------------------------------------------------------------------------------
 
 
+def _native_bf16() -> bool:
+    import torch
+
+    from megatron_rpp.kernels.backends import native_cpu_matmul
+
+    return native_cpu_matmul(torch.bfloat16)
+
+
 def _grid(quick: bool, device: str, threads: int) -> list[dict]:
     cuda = device == "cuda"
     sizes_n, sizes_v, h_dim = ((256,), (8000,), 256) if quick else ((2048, 4096), (32000, 152064), 1024)
@@ -182,8 +190,9 @@ def _grid(quick: bool, device: str, threads: int) -> list[dict]:
             for dtype in ("float32", "bfloat16"):
                 for m in methods:
                     cases.append(dict(kind="logits", N=n, V=v, H=None, dtype=dtype, method=m, reps=reps))
-            # CPU half-precision matmuls run at ~0.2 GFLOP/s here: the naive bf16 linear path is unmeasurable.
-            for dtype in ("float32", "bfloat16") if cuda else ("float32",):
+            # Without AMX / AVX512-BF16, CPU bf16 matmuls run at ~0.2 GFLOP/s: the naive bf16 linear
+            # path is unmeasurable there (and the fused path computes fp32 tiles).
+            for dtype in ("float32", "bfloat16") if cuda or _native_bf16() else ("float32",):
                 for m in ["naive-linear"] + [f"fused-linear-{b.removeprefix('fused-')}" for b in methods[1:]]:
                     cases.append(dict(kind="linear", N=n, V=v, H=h_dim, dtype=dtype, method=m,
                                       reps=1 if (not cuda and not quick) else reps))
@@ -259,7 +268,8 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     _annotate(records)
     meta = dict(device=device, torch=torch.__version__, python=platform.python_version(),
-                cpus=os.cpu_count(), threads=args.threads, load_avg_start=load_start, load_avg_end=os.getloadavg(), quick=args.quick,
+                cpus=os.cpu_count(), threads=args.threads, cpu_native_bf16_matmul=_native_bf16(),
+                load_avg_start=load_start, load_avg_end=os.getloadavg(), quick=args.quick,
                 gpu=torch.cuda.get_device_name() if device == "cuda" else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
