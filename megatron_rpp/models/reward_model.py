@@ -4,12 +4,12 @@
     scores = score_sequences(model, groups, sequences, micro_batch_size=4)  # [B] on the last stage
     rewards = normalize_scores(scores, mean=0.0, std=1.0)
 
-``hf_dir`` is a HF ``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification``
-folder (architectures/sequence_classification.py maps its weights). The model is split
-over the same TP×PP groups as the policy. The reward of a sequence is the score at its
-last token, which is what HF's sequence classification returns (it pools at the last
-non-padding token). Sequences are right-padded to a micro-batch; causal attention keeps
-the padding from reaching any earlier position, so no pad id is needed.
+``hf_dir`` is a HF ``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification`` /
+``Qwen3ForSequenceClassification`` folder (architectures/sequence_classification.py maps
+its weights). The model is split over the same TP×PP groups as the policy. The reward of a
+sequence is the score at its last token, which is what HF's sequence classification returns
+(it pools at the last non-padding token). Sequences are right-padded to a micro-batch;
+causal attention keeps the padding from reaching any earlier position, so no pad id is needed.
 
 Letters: B sequences, S longest sequence, H hidden size.
 """

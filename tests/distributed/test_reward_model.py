@@ -1,8 +1,8 @@
 """Bradley-Terry reward models on Megatron (TP=2, TP2×PP2) score exactly like transformers.
 
-Tiny random ``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification``
-models (num_labels=1), saved by transformers. One 4-rank gloo world runs, per family
-and layout:
+Tiny random ``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification`` /
+``Qwen3ForSequenceClassification`` (QK-norm) models (num_labels=1), saved by transformers.
+One 4-rank gloo world runs, per family and layout:
 
 - the trainer's path: ``build_reward_model`` straight from the HF folder, then
   ``score_sequences`` on ragged sequences (right-padded micro-batches of mixed lengths);
@@ -32,7 +32,7 @@ from testlib.tiny_checkpoints import reward_model_config, save_tiny_reward_model
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
-FAMILIES = ["llama", "qwen2"]
+FAMILIES = ["llama", "qwen2", "qwen3"]
 LAYOUTS = [(2, 1), (2, 2)]  # (tp, pp); 4 ranks: DP=2 at TP=2, DP=1 at TP2×PP2
 LENGTHS = [5, 17, 9, 32, 1, 23]  # ragged: micro-batches of 4 mix lengths and pad
 TOLERANCE = 1e-4

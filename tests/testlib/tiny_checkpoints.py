@@ -50,7 +50,11 @@ def save_tiny_hf(path: str | Path, cfg: dict, *, seed: int = 0) -> Path:
 
 
 #: Tiny reward models (HF sequence classification, num_labels=1) per family.
-REWARD_MODEL_CLASSES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+REWARD_MODEL_CLASSES = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+}
 
 
 def reward_model_config(family: str) -> dict:

@@ -1,9 +1,9 @@
 """<Family>ForSequenceClassification: a causal-LM family's trunk with a scalar score head.
 
 This is how HF stores Bradley-Terry reward models (``LlamaForSequenceClassification``,
-``Qwen2ForSequenceClassification``): the family's ``model.*`` weights plus
-``score.weight`` [num_labels, H] and no ``lm_head``. The reward is the score at the last
-token of a sequence.
+``Qwen2ForSequenceClassification``, ``Qwen3ForSequenceClassification``): the family's
+``model.*`` weights plus ``score.weight`` [num_labels, H] and no ``lm_head``. The reward is
+the score at the last token of a sequence.
 
 Megatron side: the same GPTModel trunk, whose ``output_layer`` is a
 :class:`megatron_rpp.models.reward_model.ScalarHead` holding ``output_layer.score.weight``
@@ -20,6 +20,7 @@ import torch
 from megatron_rpp.models.architectures.base import ARCHITECTURES, Architecture
 from megatron_rpp.models.architectures.llama import Llama
 from megatron_rpp.models.architectures.qwen2 import Qwen2
+from megatron_rpp.models.architectures.qwen3 import Qwen3
 from megatron_rpp.models.spec import ModelSpec, with_score_head
 
 #: Megatron name of the scalar head's weight [num_labels, H], and its HF counterpart.
@@ -57,5 +58,9 @@ class SequenceClassification(Architecture):
         return self.trunk.to_hf(spec, name, tensor)
 
 
-for _name, _trunk in [("LlamaForSequenceClassification", Llama()), ("Qwen2ForSequenceClassification", Qwen2())]:
+for _name, _trunk in [
+    ("LlamaForSequenceClassification", Llama()),
+    ("Qwen2ForSequenceClassification", Qwen2()),
+    ("Qwen3ForSequenceClassification", Qwen3()),  # QK-norm (and optional QKV bias) from the trunk
+]:
     ARCHITECTURES.register(_name, SequenceClassification(_name, _trunk))

@@ -17,7 +17,7 @@ from megatron_rpp.models.spec import UnsupportedConfigError
 from testlib.tiny_checkpoints import reward_model_config, save_tiny_reward_model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_reward_model_round_trip_is_bit_exact(tmp_path, family):
     cfg = reward_model_config(family)
     hf = save_tiny_reward_model(tmp_path / "hf", cfg)
