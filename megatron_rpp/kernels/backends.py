@@ -72,12 +72,28 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Chunked torch implementation; extra memory ≈ 2 × ``chunk_elements`` fp32 values."""
+    """Chunked torch implementation; extra memory ≈ 2 × ``chunk_elements`` fp32 values.
+
+    The two chunk buffers are kept per device between calls (a workspace of at most
+    2 × ``chunk_elements`` fp32 values): the fused-linear path calls the backend once per
+    tile, and fresh buffers would cost an allocation and its page faults every time.
+    """
 
     name = "torch"
 
     def __init__(self, chunk_elements: int = 1 << 19) -> None:
         self.chunk_elements = chunk_elements
+        self._workspace: dict[tuple[torch.device, int], Tensor] = {}
+
+    def _buffer(self, logits: Tensor, rows: int, slot: int) -> Tensor:
+        """A contiguous fp32 [min(rows, N), V/tp] view of workspace buffer ``slot`` (0 or 1)."""
+        shape = (min(rows, logits.shape[0]), logits.shape[1])
+        numel = shape[0] * shape[1]
+        key = (logits.device, slot)
+        buf = self._workspace.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._workspace[key] = torch.empty(numel, dtype=torch.float32, device=logits.device)
+        return buf[:numel].view(shape)
 
     def _rows_per_chunk(self, n_cols: int) -> int:
         return max(1, self.chunk_elements // max(1, n_cols))
@@ -89,8 +105,8 @@ class TorchBackend:
         entropy = torch.empty_like(lse) if with_entropy else None
         in_place = scratch and logits.dtype == torch.float32  # z lives in the logits themselves
         rows = n_rows if in_place and not with_entropy else self._rows_per_chunk(n_cols)
-        buf_z = None if in_place else _buffer(logits, rows)
-        buf_p = _buffer(logits, rows) if with_entropy else None
+        buf_z = None if in_place else self._buffer(logits, rows, 0)
+        buf_p = self._buffer(logits, rows, 1) if with_entropy else None
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
             z = _scaled_chunk(logits[start:stop], temperature, None if in_place else buf_z[: stop - start])
@@ -117,8 +133,8 @@ class TorchBackend:
         # out is the logits themselves: work in place, chunk by chunk, no copy.
         in_place = out.dtype == torch.float32 and out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
         rows = n_rows if in_place and coef_entropy is None else self._rows_per_chunk(n_cols)
-        buf_z = None if in_place else _buffer(logits, rows)
-        buf_p = _buffer(logits, rows) if coef_entropy is not None else None
+        buf_z = None if in_place else self._buffer(logits, rows, 0)
+        buf_p = self._buffer(logits, rows, 1) if coef_entropy is not None else None
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
             log_p = _scaled_chunk(logits[start:stop], temperature, None if in_place else buf_z[: stop - start])
@@ -140,11 +156,6 @@ class TorchBackend:
             if not in_place:
                 out[start:stop].copy_(g)
         return out
-
-
-def _buffer(logits: Tensor, rows: int) -> Tensor:
-    """A reusable fp32 [min(rows, N), V/tp] chunk buffer."""
-    return torch.empty((min(rows, logits.shape[0]), logits.shape[1]), dtype=torch.float32, device=logits.device)
 
 
 def _scaled_chunk(chunk: Tensor, temperature: float, buf: Tensor | None) -> Tensor:

@@ -44,10 +44,14 @@ __all__ = ["fused_linear_log_probs", "fused_linear_log_probs_and_kl"]
 
 
 def chunk_shape(device: torch.device, n_rows: int, n_cols: int) -> tuple[int, int]:
-    """(token rows, vocabulary columns) of one logits tile."""
-    rows, elements = (1024, 1 << 20) if device.type == "cpu" else (4096, 1 << 25)
-    rows = max(1, min(rows, n_rows))
-    return rows, max(1, min(n_cols, elements // rows))
+    """(token rows, vocabulary columns) of one logits tile.
+
+    Up to 4096 token rows: a micro-batch then fits one row of tiles, and dL/dweight of
+    each vocabulary chunk is one matmul written in place, with no fp32 accumulator.
+    CPU: ≤ 4096 × 1024 (16 MiB fp32); GPU: ≤ 4096 × 8192.
+    """
+    rows, cols = (4096, 1024) if device.type == "cpu" else (4096, 8192)
+    return max(1, min(rows, n_rows)), max(1, min(cols, n_cols))
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -72,6 +76,7 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         n_rows, shard = hidden.shape[0], weight.shape[0]
         cd = _compute_dtype(hidden)
         rows, cols = chunk_shape(hidden.device, n_rows, shard)
+        buffers = _TileBuffers(rows, cols, hidden.shape[1], cd, hidden.device)
         running: ShardStats | None = None
         for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
             w = weight[c0:c1].to(cd)  # [v, H]
@@ -79,7 +84,7 @@ class _FusedLinearLogProbs(torch.autograd.Function):
             entropy = torch.empty_like(lse) if opts.with_entropy else None
             target = torch.empty_like(lse)
             for n0, n1 in row_ranges:
-                logits = hidden[n0:n1].to(cd) @ w.T  # [n, H] @ [H, v] -> [n, v]
+                logits = buffers.logits(hidden[n0:n1].to(cd), w)  # [n, H] @ [H, v] -> [n, v]
                 local = localize_labels(labels[n0:n1], rank * shard + c0, c1 - c0)
                 target[n0:n1] = target_logits(logits, local, opts.temperature)  # before the tile is reused
                 lse[n0:n1], ent = opts.backend.row_stats(logits, opts.temperature, opts.with_entropy, scratch=True)
@@ -107,21 +112,29 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         rows, cols = chunk_shape(hidden.device, n_rows, shard)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_weight = torch.empty_like(weight) if need_w else None
+        buffers = _TileBuffers(rows, cols, hidden.shape[1], cd, hidden.device)
+        one_row_tile = rows >= n_rows  # dL/dweight of a vocabulary chunk is then one matmul, written in place
+        gw_acc = None if one_row_tile or not need_w else torch.empty((cols, hidden.shape[1]), dtype=torch.float32,
+                                                                      device=hidden.device)
         for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
             w = weight[c0:c1].to(cd)  # [v, H]
-            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            gw = None if gw_acc is None else gw_acc[: c1 - c0].zero_()
             for n0, n1 in row_ranges:
                 h = hidden[n0:n1].to(cd)  # [n, H]
-                logits = h @ w.T  # [n, v]
+                logits = buffers.logits(h, w)  # [n, v]
                 local = localize_labels(labels[n0:n1], rank * shard + c0, c1 - c0)
                 g = opts.backend.grad(logits, local, lse[n0:n1], None if entropy is None else entropy[n0:n1],
                                       coef[n0:n1], None if coef_entropy is None else coef_entropy[n0:n1],
                                       opts.temperature, out=logits)  # dL/dlogits [n, v], in place
                 if need_h:
-                    _add_mm(grad_hidden[n0:n1], g, w)  # [n, v] @ [v, H]
-                if need_w:
-                    _add_mm(gw, g.T, h)  # [v, n] @ [n, H]
-            if need_w:
+                    buffers.add_mm(grad_hidden[n0:n1], g, w)  # [n, v] @ [v, H]
+                if need_w and gw is None and cd == weight.dtype:
+                    torch.mm(g.T, h, out=grad_weight[c0:c1])  # [v, n] @ [n, H]
+                elif need_w and gw is None:
+                    grad_weight[c0:c1] = g.T @ h  # fp32 tiles of a half-precision weight
+                elif need_w:
+                    buffers.add_mm(gw, g.T, h)  # [v, n] @ [n, H]
+            if gw is not None:
                 grad_weight[c0:c1] = gw
         if need_h:
             if world > 1:  # each rank saw only its vocabulary shard's contribution
@@ -135,12 +148,26 @@ def _merge_two(a: ShardStats, b: ShardStats) -> ShardStats:
     return merge_stats(torch.stack([a.lse, b.lse]), ent, torch.stack([a.target, b.target]))  # [2, N] -> [N]
 
 
-def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, accumulating in acc's dtype (fp32)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc.add_(a @ b)
+class _TileBuffers:
+    """Memory reused by every tile of one call: the logits tile and, for half-precision
+    matmuls, the product that is added to an fp32 accumulator. No allocation per tile."""
+
+    def __init__(self, rows: int, cols: int, h_dim: int, dtype: torch.dtype, device: torch.device):
+        self.tile = torch.empty(rows * cols, dtype=dtype, device=device)
+        self.product = None if dtype == torch.float32 else torch.empty(max(rows, cols) * h_dim, dtype=dtype,
+                                                                        device=device)
+
+    def logits(self, h: Tensor, w: Tensor) -> Tensor:
+        """h @ wᵀ into the tile buffer. Shape: h [n, H], w [v, H] -> [n, v] (contiguous)."""
+        return torch.mm(h, w.T, out=self.tile[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0]))
+
+    def add_mm(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
+        """acc += a @ b, accumulating in acc's dtype (fp32)."""
+        if a.dtype == acc.dtype:
+            acc.addmm_(a, b)
+        else:
+            n, m = a.shape[0], b.shape[1]
+            acc.add_(torch.mm(a, b, out=self.product[: n * m].view(n, m)))
 
 
 def _run(hidden, weight, labels, ref_log_probs, *, tp_group, temperature, with_entropy, kl_estimator, kl_clamp):
