@@ -15,6 +15,7 @@ Memory. On CPU the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so eve
 buffer is its own mmap and goes back to the OS when freed; before each call the peak-RSS
 counter is reset (``/proc/self/clear_refs`` ← 5) and the peak is read from ``VmHWM``.
 On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+The torch backend's kept chunk buffers are dropped before each call, so they count.
 ``extra`` = peak − memory before the call − the call's mandatory outputs (the log-probs,
 and for forward+backward the gradients of the inputs, which any implementation must
 return). The inputs are allocated before the baseline. Forward is measured under
@@ -125,6 +126,14 @@ def _make_call(spec: dict, scale: int = 1):
     return inputs, fwd, fwd_bwd
 
 
+def _drop_workspaces() -> None:
+    """Free the buffers the torch backend keeps between calls, so each measured call pays for them."""
+    from megatron_rpp.kernels.backends import _INSTANCES
+
+    for backend in _INSTANCES.values():
+        getattr(backend, "_workspace", {}).clear()
+
+
 def worker(spec: dict) -> dict:
     import torch
 
@@ -144,6 +153,7 @@ def worker(spec: dict) -> dict:
     for mode, fn, mandatory in (("fwd", fwd, spec["N"] * 4), ("fwdbwd", fwd_bwd, spec["N"] * 4 + grads_bytes)):
         times, peaks = [], []
         for _ in range(spec["reps"]):
+            _drop_workspaces()  # the backend's kept chunk buffers count as this call's memory
             meter.start()
             t0 = time.perf_counter()
             result = fn()
