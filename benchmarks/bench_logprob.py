@@ -2,6 +2,7 @@
 
     python benchmarks/bench_logprob.py            # full grid (CPU: ~20-30 min, ~11 GiB peak)
     python benchmarks/bench_logprob.py --quick    # smoke run, seconds
+    python benchmarks/bench_logprob.py --rounds 3 --kinds linear   # interleaved repeats of a subset
 
 Every (case, method) runs in a fresh subprocess, so one case's memory never hides
 another's. Methods, side by side per case:
@@ -220,6 +221,20 @@ def _run_case(spec: dict) -> dict:
     return dict(spec, **json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def _combine_rounds(runs: list[dict]) -> dict:
+    """One (case, method) over the rounds: median times, largest memory; the first error if any failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(runs[0], rounds=len(runs))
+    for key in runs[0]:
+        if key.endswith("_s") or key.endswith("gbps"):
+            out[key] = statistics.median(r[key] for r in runs)
+        elif key.endswith("_mib"):
+            out[key] = max(r[key] for r in runs)
+    return out
+
+
 def _case_key(r: dict) -> tuple:
     return (r["kind"], r["N"], r["V"], r["H"], r["dtype"])
 
@@ -261,6 +276,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads per run (default 1: on a shared machine, multi-threaded small ops "
                          "stall on descheduled OpenMP threads, which measures the neighbours, not the kernels)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole grid this many times, interleaved, and keep each (case, method)'s median "
+                         "time and largest memory (a slow spell of a shared machine then hits every method)")
+    ap.add_argument("--kinds", default="logits,linear", help="comma-separated subset of: logits, linear")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -270,16 +289,23 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_start = os.getloadavg()
-    records = []
-    for spec in _grid(args.quick, device, args.threads):
-        t0 = time.perf_counter()
-        records.append(_run_case(spec))
-        print(f"  {spec['kind']} N={spec['N']} V={spec['V']} {spec['dtype']} {spec['method']}: "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    kinds = set(args.kinds.split(","))
+    if not kinds <= {"logits", "linear"} or args.rounds < 1:
+        ap.error("--kinds takes logits and/or linear; --rounds at least 1")
+    grid = [spec for spec in _grid(args.quick, device, args.threads) if spec["kind"] in kinds]
+    rounds: list[list[dict]] = []
+    for r in range(args.rounds):
+        rounds.append([])
+        for spec in grid:
+            t0 = time.perf_counter()
+            rounds[-1].append(_run_case(spec))
+            print(f"  [round {r + 1}/{args.rounds}] {spec['kind']} N={spec['N']} V={spec['V']} {spec['dtype']} "
+                  f"{spec['method']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    records = [_combine_rounds(list(runs)) for runs in zip(*rounds)]
     _annotate(records)
     meta = dict(device=device, torch=torch.__version__, python=platform.python_version(),
                 cpus=os.cpu_count(), threads=args.threads, cpu_native_bf16_matmul=_native_bf16(),
-                load_avg_start=load_start, load_avg_end=os.getloadavg(), quick=args.quick,
+                load_avg_start=load_start, load_avg_end=os.getloadavg(), quick=args.quick, rounds=args.rounds,
                 gpu=torch.cuda.get_device_name() if device == "cuda" else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
