@@ -129,10 +129,13 @@ def _make_call(spec: dict, scale: int = 1):
 
 def _drop_workspaces() -> None:
     """Free the buffers the torch backend keeps between calls, so each measured call pays for them."""
-    from megatron_rpp.kernels.backends import _INSTANCES
+    import torch
 
-    for backend in _INSTANCES.values():
-        getattr(backend, "_workspace", {}).clear()
+    from megatron_rpp.kernels.backends import TorchBackend, resolve_backend
+
+    backend = resolve_backend(torch.device("cpu"), "torch")
+    assert isinstance(backend, TorchBackend)
+    backend.release_workspace()
 
 
 def worker(spec: dict) -> dict:

@@ -80,8 +80,8 @@ class RewardConfig:
     """Shaped sequence rewards are clipped to [-clip, clip]."""
     model_dir: str = ""
     """HF sequence-classification folder (``LlamaForSequenceClassification``,
-    ``Qwen2ForSequenceClassification``, ``Qwen3ForSequenceClassification``, one score) of a Bradley-Terry reward model; when set,
-    the reward is its score at the last token of prompt + response, computed by the workers
+    ``Qwen2ForSequenceClassification``, ``Qwen3ForSequenceClassification``, one score) of a
+    Bradley-Terry reward model; when set, the reward is its score at the last token of prompt + response, computed by the workers
     at the policy's TP/PP (docs/reward_models.md). Must share the policy's tokenizer.
     Empty = use ``function``."""
     model_mean: float = 0.0

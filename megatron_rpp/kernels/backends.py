@@ -95,6 +95,10 @@ class TorchBackend:
             buf = self._workspace[key] = torch.empty(numel, dtype=torch.float32, device=logits.device)
         return buf[:numel].view(shape)
 
+    def release_workspace(self) -> None:
+        """Free the kept chunk buffers (they are allocated again on the next call)."""
+        self._workspace.clear()
+
     def _rows_per_chunk(self, n_cols: int) -> int:
         return max(1, self.chunk_elements // max(1, n_cols))
 

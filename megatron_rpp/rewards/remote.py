@@ -71,9 +71,12 @@ class RemoteRewardScorer:
     # -- one chunk -------------------------------------------------------------------------------
 
     def check_reachable(self) -> None:
-        """Connect to the endpoint's host and port (no request is sent), retrying like a request."""
-        parts = urllib.parse.urlsplit(self.url)
-        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        """Connect to the endpoint's host and port (no request is sent), retrying like a request.
+
+        Where the environment routes the URL through a proxy (``http_proxy`` / ``https_proxy``,
+        as urllib does for the requests), the proxy is what must accept the connection.
+        """
+        host, port = _first_hop(self.url)
 
         def connect() -> None:
             try:
@@ -144,6 +147,17 @@ class RemoteRewardScorer:
                 raise RewardError(f"remote reward {self.url} returned {v!r} ({problem}) on "
                                   f"{describe_sample(idx, prompts[idx], responses[idx])}")
         return [float(v) for v in values]
+
+
+def _first_hop(url: str) -> tuple[str, int]:
+    """(host, port) a request to ``url`` connects to first: its proxy if urllib would use one."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host = parts.hostname or ""
+    return host, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _head(raw: bytes, limit: int = 200) -> str:

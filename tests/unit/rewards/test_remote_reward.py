@@ -125,3 +125,16 @@ def test_a_dead_endpoint_is_found_before_the_run_starts(server):
 def test_the_start_up_check_sends_no_request(server):
     _scorer(server.url).check_reachable()
     assert server.requests == []
+
+
+def test_the_start_up_check_connects_to_the_proxy_when_urllib_would(server, monkeypatch):
+    from urllib.parse import urlsplit
+
+    for var in ("no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    dead = "http://reward.invalid:9/score"  # no such host: only the proxy can be reached
+    with pytest.raises(RewardError, match="cannot connect to reward.invalid:9"):
+        _scorer(dead, max_retries=0).check_reachable()
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{urlsplit(server.url).port}")
+    _scorer(dead, max_retries=0).check_reachable()  # the live server stands in for the proxy
+    assert server.requests == []
