@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_rpp.algorithms.advantages import AdvantageConfig, compute_advantages
+from megatron_rpp.algorithms.advantages import compute_advantages
 from megatron_rpp.algorithms.kl import kl_estimate
 from megatron_rpp.config import Config, save_config
+from megatron_rpp.config.hyper import advantage_config
 from megatron_rpp.checkpoint.train_state import load_rng, save_rng
 from megatron_rpp.trainer import checkpointing, phases
 from megatron_rpp.trainer.failures import NonFiniteGuard
@@ -58,9 +59,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         if "old_log_probs" in seqs[0] and "ref_log_probs" in seqs[0]:
             token_kl = kl_estimate(phases.to_padded(seqs, "old_log_probs")[0],
                                    phases.to_padded(seqs, "ref_log_probs")[0], a.kl_estimator) * mask
-        adv_cfg = AdvantageConfig(estimator=a.estimator, gamma=a.gamma, whiten=a.whiten or None,
-                                  kl_coef=0.0 if a.kl_use_loss or token_kl is None else a.kl_coef,
-                                  reward_clip=cfg.reward.clip)
+        adv_cfg = advantage_config(cfg, kl_in_reward=token_kl is not None)
         out = compute_advantages(rewards, mask, adv_cfg, group_index=torch.tensor([s["group"] for s in seqs]),
                                  token_kl=token_kl if adv_cfg.kl_coef > 0 else None)
         for b, s in enumerate(seqs):

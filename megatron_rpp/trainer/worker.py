@@ -220,15 +220,11 @@ class Worker:
         and, for a KL loss, ``ref_log_probs``. ``counts`` holds the mini-batch's global
         ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
         """
-        from megatron_rpp.algorithms.policy_loss import PolicyLossConfig, policy_loss
+        from megatron_rpp.algorithms.policy_loss import policy_loss
+        from megatron_rpp.config.hyper import policy_loss_config
         from megatron_rpp.models.pipeline import MicroBatch
 
-        a = self.cfg.algorithm
-        loss_cfg = PolicyLossConfig(
-            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip or None,
-            tis_high=a.tis_cap or None, kl_loss_coef=a.kl_coef if a.kl_use_loss else 0.0,
-            kl_loss_estimator=a.kl_loss_estimator, entropy_coef=a.entropy_coef, agg_mode=a.loss_agg_mode,
-        )
+        loss_cfg = policy_loss_config(self.cfg)
         chunks, _ = self._micro_batches(seqs)
         mbs = []
         for c in chunks:
