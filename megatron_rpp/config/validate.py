@@ -48,26 +48,17 @@ AT_LEAST = {
 #: Seeds: integers in [0, SEED_MAX].
 SEEDS = ("data.seed", "trainer.seed")
 #: Float fields: (low, high, low_open, high_open). NaN never passes; inf only where high is inf and closed.
+POSITIVE = (0, INF, True, True)  # a finite number > 0
+NON_NEGATIVE = (0, INF, False, True)  # a finite number >= 0
+UNIT = (0, 1, True, False)  # (0, 1]
 RANGES = {
-    "reward.remote_timeout_s": (0, INF, True, True),
-    "reward.clip": (0, INF, True, False),
-    "reward.model_mean": (-INF, INF, True, True),
-    "reward.model_std": (0, INF, True, True),
-    "algorithm.gamma": (0, 1, True, False),
-    "algorithm.kl_coef": (0, INF, False, True),
-    "algorithm.clip_low": (0, 1, False, True),
-    "algorithm.clip_high": (0, INF, False, True),
-    "algorithm.tis_cap": (0, INF, False, True),
-    "algorithm.entropy_coef": (0, INF, False, True),
-    "rollout.temperature": (0, INF, True, True),
-    "rollout.top_p": (0, 1, True, False),
-    "rollout.eval_temperature": (0, INF, False, True),
-    "rollout.kv_cache_gib": (0, INF, True, True),
-    "rollout.gpu_memory_utilization": (0, 1, True, False),
-    "rollout.check_sync_tolerance": (0, INF, True, True),
-    "trainer.lr": (0, INF, True, True),
-    "trainer.weight_decay": (0, INF, False, True),
-    "trainer.clip_grad": (0, INF, True, True),
+    "reward.remote_timeout_s": POSITIVE, "reward.clip": (0, INF, True, False),
+    "reward.model_mean": (-INF, INF, True, True), "reward.model_std": POSITIVE,
+    "algorithm.gamma": UNIT, "algorithm.kl_coef": NON_NEGATIVE, "algorithm.clip_low": (0, 1, False, True),
+    "algorithm.clip_high": NON_NEGATIVE, "algorithm.tis_cap": NON_NEGATIVE, "algorithm.entropy_coef": NON_NEGATIVE,
+    "rollout.temperature": POSITIVE, "rollout.top_p": UNIT, "rollout.eval_temperature": NON_NEGATIVE,
+    "rollout.kv_cache_gib": POSITIVE, "rollout.gpu_memory_utilization": UNIT, "rollout.check_sync_tolerance": POSITIVE,
+    "trainer.lr": POSITIVE, "trainer.weight_decay": NON_NEGATIVE, "trainer.clip_grad": POSITIVE,
 }
 #: Fields with an "off" value outside their range: key -> (test, words).
 SPECIAL: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -276,7 +267,9 @@ def _local_model_folder(hf_dir: str) -> Path | None:
 
 def _check_model_folders(cfg: Config) -> None:
     m = cfg.model
-    folders = [("model.hf_dir", m.hf_dir)] + ([("reward.model_dir", cfg.reward.model_dir)] if cfg.reward.model_dir else [])
+    folders = [("model.hf_dir", m.hf_dir)]
+    if cfg.reward.model_dir:
+        folders.append(("reward.model_dir", cfg.reward.model_dir))
     for key, hf_dir in folders:
         folder = _local_model_folder(hf_dir)
         if folder is None:

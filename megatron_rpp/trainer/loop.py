@@ -20,6 +20,7 @@ from megatron_rpp.checkpoint.train_state import load_rng, save_rng
 from megatron_rpp.trainer import checkpointing, phases
 from megatron_rpp.trainer.failures import NonFiniteGuard
 from megatron_rpp.trainer.setup import RunContext, setup_run
+from megatron_rpp.utils import console
 from megatron_rpp.utils.logging import Progress, Timer, plot_rewards
 
 
@@ -82,6 +83,8 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         "advantages/mean": float(adv_valid.mean()), "advantages/std": float(adv_valid.std()) if adv_valid.numel() > 1 else 0.0,
         "grad_norm": train.get("grad_norm", float("nan")), "lr": train.get("lr", cfg.trainer.lr),
         "rollout/logprob_abs_diff": train.get("rollout_logprob_abs_diff", float("nan")),
+        "rollout/logprob_max_abs_diff": max((r["rollout_logprob_max_abs_diff"] for r in results
+                                             if "rollout_logprob_max_abs_diff" in r), default=float("nan")),
         "weight_sync/bytes": float(sync.get("bytes", 0)), "weight_sync/buckets": float(sync.get("buckets", 0)),
         **({"weight_sync/check_max_abs_diff": check["max_abs_diff"]} if check else {}),
         "_tokens": float(sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)),
@@ -104,7 +107,7 @@ def train(cfg: Config) -> dict:
         if resume_state:
             guard = restore(ctx, resume_from, resume_state)
             first_eval = next((h for h in ctx.logger.history if h["step"] == 0), {})
-            print(f"[megatron-rpp] resumed from {resume_from} (step {resume_state['step']})")
+            console.say(f"{console.PREFIX} resumed from {resume_from} (step {resume_state['step']})")
         else:
             guard = NonFiniteGuard(t.max_nonfinite_steps_in_a_row)
             first_eval = phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer, ctx.layout)
@@ -165,7 +168,8 @@ def restore(ctx: RunContext, folder: Path, state: dict) -> NonFiniteGuard:
         ctx.reward_norm.load_state_dict(state["reward_norm"])
     saved_kl = state["kl_controller"]["kl_coef"]
     if saved_kl != cfg.algorithm.kl_coef:
-        print(f"[megatron-rpp] note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, the checkpoint used {saved_kl}")
+        console.say(f"{console.PREFIX} note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, "
+                    f"the checkpoint used {saved_kl}")
     nf = state["nonfinite"]
     return NonFiniteGuard(cfg.trainer.max_nonfinite_steps_in_a_row, in_a_row=nf["in_a_row"], total=nf["total"])
 
@@ -187,5 +191,6 @@ def summarize(ctx: RunContext, first_eval: dict) -> dict:
     plot_rewards(hist, out_dir / "reward_curve.png")
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    print("\n" + "\n".join(f"  {k}: {v}" for k, v in summary.items()))
+    console.say("\n".join([f"{console.PREFIX} summary (also in {out_dir / 'summary.json'}):"]
+                          + [f"  {k}: {v}" for k, v in summary.items()]))
     return summary

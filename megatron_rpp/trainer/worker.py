@@ -251,10 +251,11 @@ class Worker:
             )
             n = batch.response_mask.sum()
             # Rollout engine vs trainer, both for the policy that sampled (π_old).
-            gap = ((old - e["rollout"]).abs() * batch.response_mask).sum()
+            gap = (old - e["rollout"]).abs() * batch.response_mask  # [B, T], 0 off the response
             sums = {k: v.detach().float() * n for k, v in out.metrics.items() if k != "pg_loss"}
-            sums.update(tokens=n.float(), rollout_gap_sum=gap, pg_loss=out.metrics["pg_loss"].detach().float(),
+            sums.update(tokens=n.float(), rollout_gap_sum=gap.sum(), pg_loss=out.metrics["pg_loss"].detach().float(),
                         loss=out.loss.detach().float())
+            sums["rollout_gap_max"] = gap.max().detach()  # not a sum: taken out before the sums are reduced
             return out.loss, sums
 
         from megatron_rpp.trainer.optim import step_if_finite
@@ -267,6 +268,9 @@ class Worker:
         metrics: dict[str, Any] = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                                    "update_ok": bool(ok), "lr": self.optimizer.param_groups[0]["lr"]}
         if self.groups.is_last_stage:
+            gap_max = torch.stack([a.pop("rollout_gap_max") for a in aux]).max().reshape(1)  # [M] -> [1]
+            dist.all_reduce(gap_max, op=dist.ReduceOp.MAX, group=self.groups.dp_group)
+            metrics["rollout_logprob_max_abs_diff"] = float(gap_max)
             keys = sorted(aux[0])
             total = torch.stack([torch.stack([a[k] for k in keys]) for a in aux]).sum(0)  # [M, K] -> [K]
             dist.all_reduce(total, group=self.groups.dp_group)
