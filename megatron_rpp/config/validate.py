@@ -83,6 +83,7 @@ def allowed_range(key: str) -> str | None:
 
 
 def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` (key + what is allowed) for the first problem found (module docstring)."""
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_estimator(cfg)

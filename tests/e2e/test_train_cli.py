@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,12 +31,14 @@ REQUIRED = ["step", "reward/mean", "reward/std", "response_length/mean", "kl/mea
 # vLLM's and Ray's loggers, Python warnings (Megatron's "Apex is not installed" ones).
 THIRD_PARTY = ("WARNING", "INFO", "vllm", "megatron.core", "UserWarning")
 
-# Rollout engine vs trainer, per sampled token, fp32 on CPU (same weights, same temperature).
-# Measured on the tiny model: mean 1e-6..3e-6, max 1e-5..2e-5 over these runs' steps
-# (different kernels: vLLM's CPU attention and GEMMs vs Megatron's). The bounds are ~10x that:
-# a wrong temperature, a missed sync or a stale engine weight gives gaps of 1e-2 and more.
-GAP_MEAN, GAP_MAX = 3e-5, 3e-4
-SYNC_MAX = 1e-4  # the probe self-check, same comparison on fixed random sequences
+# Rollout engine vs trainer log-prob of each sampled token, fp32 on CPU, same weights and
+# temperature: only the kernels differ (vLLM's CPU attention and GEMMs vs Megatron's), so the
+# gap is fp32 rounding. Measured on the tiny model, every step of these runs (2026-12-01):
+# mean 5.7e-7..1.0e-6, max 1.9e-6..3.8e-6 per token; the probe self-check 9.5e-7..1.9e-6.
+# The bounds are 10x the largest measured value; a wrong temperature, a missed sync or one
+# stale engine weight gives gaps of 1e-2 and more.
+GAP_MEAN, GAP_MAX = 1e-5, 4e-5
+SYNC_MAX = 2e-5  # the probe self-check (weight_sync/check_max_abs_diff), same comparison on fixed sequences
 
 
 @dataclass
@@ -170,14 +173,18 @@ def test_bad_config_exits_2_within_10_s_before_anything_is_built(tmp_path, bad_f
     out = tmp_path / "never_created"
     cmd = [sys.executable, "-m", "megatron_rpp.cli", "train", *with_folders(overrides, bad_folders),
            f"trainer.output_dir={out}"]
-    t0 = time.perf_counter()
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    elapsed = time.perf_counter() - t0
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.startswith("megatron-rpp: config error: ") and proc.stdout == ""
     assert key in proc.stderr and allowed in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # the output dir is the first thing a run makes: nothing was built
-    # Issue 13's bound. The CLI needs ~2.5 s here (Python + torch import + validation); 10 s
-    # leaves 4x for a loaded machine.
-    assert elapsed < 10, f"{elapsed:.1f} s"
+    # Issue 13's bound of 10 s, on the CLI's own time: its CPU seconds (user + system, the
+    # process and its children), which other sessions' load does not inflate as it does the
+    # wall clock (measured 2.2-2.5 s CPU = the wall time on an idle machine, single-threaded:
+    # Python start, the torch import, validation; 10-15 s wall at load 20 on 2 cores).
+    print(f"{' '.join(overrides)}: {cpu:.1f} s CPU, {wall:.1f} s wall")
+    assert cpu < 10, f"{cpu:.1f} s CPU ({wall:.1f} s wall)"
