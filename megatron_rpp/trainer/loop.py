@@ -15,7 +15,7 @@ import torch
 from megatron_rpp.algorithms.advantages import compute_advantages
 from megatron_rpp.algorithms.kl import kl_estimate
 from megatron_rpp.config import Config, save_config
-from megatron_rpp.config.hyper import advantage_config
+from megatron_rpp.config.hyper import advantage_config, sampling_config
 from megatron_rpp.checkpoint.train_state import load_rng, save_rng
 from megatron_rpp.trainer import checkpointing, phases
 from megatron_rpp.trainer.failures import NonFiniteGuard
@@ -38,7 +38,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     a = cfg.algorithm
     with timer("generate"):
         prompts = ctx.stream.next_batch(cfg.rollout.rollout_batch_size)
-        sampling = phases.sampling_args(cfg, n=cfg.rollout.n_samples_per_prompt, temperature=cfg.rollout.temperature)
+        sampling = sampling_config(cfg, n=cfg.rollout.n_samples_per_prompt, temperature=cfg.rollout.temperature)
         batch = phases.generate(group, prompts, sampling, rng_seed=cfg.trainer.seed + step)
     with timer("reward"):
         raw = phases.sequence_rewards(group, layout, cfg, ctx.scorer, ctx.tokenizer, batch, prompts)

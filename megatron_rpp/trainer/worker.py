@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_rpp.config.schema import Config
 from megatron_rpp.data.rollout_batch import RolloutBatch
+from megatron_rpp.rollout.engine import SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -88,8 +89,8 @@ class Worker:
                 "dp_size": g.dp_size, "reporter": self.is_reporter}
 
     # ------------------------------------------------------------------ rollout
-    def generate(self, prompts: RolloutBatch, sampling: dict, rng_seed: int | None = None) -> RolloutBatch:
-        """Sample ``sampling["n"]`` responses per prompt row of ``prompts`` with the colocated engine.
+    def generate(self, prompts: RolloutBatch, sampling: SamplingConfig, rng_seed: int | None = None) -> RolloutBatch:
+        """Sample ``sampling.n`` responses per prompt row of ``prompts`` with the colocated engine.
 
         ``prompts``: a batch of prompts (its responses are ignored). Returns their samples,
         prompt-major (row p's n samples in order), each keeping the prompt's ``group_index``,
@@ -100,14 +101,12 @@ class Worker:
         only on (seed, step, rank) and the weights — what makes a resumed run repeat the
         uninterrupted one.
         """
-        from megatron_rpp.rollout.engine import SamplingConfig
-
         if rng_seed is not None:
             torch.manual_seed(rng_seed)
         if not len(prompts):
             return prompts.select(slice(0, 0)).replace(rollout_log_probs=torch.zeros(0, 1))
         prompt_lists = [prompts.prompt_ids[p, : int(n)].tolist() for p, n in enumerate(prompts.prompt_lengths)]
-        responses = self.engine.generate(prompt_lists, SamplingConfig(**sampling))
+        responses = self.engine.generate(prompt_lists, sampling)
         return RolloutBatch.from_sequences(
             [prompt_lists[r.prompt_index] for r in responses], [r.token_ids for r in responses],
             group_index=prompts.group_index[[r.prompt_index for r in responses]],
