@@ -68,7 +68,8 @@ def megatron_logits_on_rank(megatron_dir: str, tp: int, pp: int, input_ids: torc
     def loss_fn(logits, mb):  # logits [B, S, V/tp]; a score head's [B, S, 1] is not sharded
         full = logits.detach().float()
         if base_spec.head == "lm":
-            full = gather_tp(full, groups, partition_dim=logits.dim() - 1, gated=False)  # [B, S, V]
+            full = gather_tp(full, groups, partition_dim=logits.dim() - 1, gated=False)  # [B, S, V']
+            full = full[..., : base_spec.vocab_size]  # vocabulary padding dropped: [B, S, V]
         return logits.sum() * 0.0, {"logits": full}
 
     with torch.no_grad():

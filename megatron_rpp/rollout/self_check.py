@@ -82,6 +82,7 @@ def trainer_sequence_log_probs(
     """
     from megatron_rpp.kernels import vocab_parallel_log_probs
     from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+    from megatron_rpp.models.provider import real_vocab_size
 
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     lengths = [len(s) for s in sequences]
@@ -94,7 +95,8 @@ def trainer_sequence_log_probs(
 
     def loss_fn(logits, mb):  # logits [B, S, V/tp]
         lp = vocab_parallel_log_probs(
-            logits[:, :-1].detach(), mb.input_ids[:, 1:], tp_group=tp_group, temperature=temperature
+            logits[:, :-1].detach(), mb.input_ids[:, 1:], tp_group=tp_group, temperature=temperature,
+            vocab_size=real_vocab_size(model),
         )  # [B, S-1]
         return logits.new_zeros(()), {"log_probs": lp}
 

@@ -138,11 +138,12 @@ class Worker:
 
             return response_log_probs(output, output_weight(model), batch.input_ids, batch.resp_index,
                                       batch.response_mask, tp_group=tp_group, temperature=temperature,
-                                      with_entropy=with_entropy)
+                                      with_entropy=with_entropy, vocab_size=self.spec.vocab_size)
         from megatron_rpp.kernels import vocab_parallel_log_probs
 
         out = vocab_parallel_log_probs(output[:, :-1], batch.input_ids[:, 1:], tp_group=tp_group,
-                                       temperature=temperature, with_entropy=with_entropy)
+                                       temperature=temperature, with_entropy=with_entropy,
+                                       vocab_size=self.spec.vocab_size)
         if with_entropy:
             lp, ent = out
             return take_response(lp, batch), take_response(ent, batch)
