@@ -97,11 +97,6 @@ def layer_offset(model) -> int:
     return layers[0].layer_number - 1
 
 
-def is_tied_copy(local_name: str, p: torch.nn.Parameter) -> bool:
-    """Whether ``p`` is the last stage's copy of a tied embedding (Megatron's ``shared_embedding``)."""
-    return local_name == "output_layer.weight" and bool(getattr(p, "shared_embedding", False))
-
-
 def iter_local_params(model, *, with_tied_copy: bool = False) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """``(global megatron name, parameter)`` for this stage, in a fixed order.
 
@@ -111,7 +106,7 @@ def iter_local_params(model, *, with_tied_copy: bool = False) -> Iterator[tuple[
     """
     offset = layer_offset(model)
     for name, p in model.named_parameters():
-        if is_tied_copy(name, p):
+        if name == "output_layer.weight" and getattr(p, "shared_embedding", False):  # the tied copy
             if with_tied_copy:
                 yield EMBEDDING_WEIGHT, p
             continue

@@ -19,7 +19,7 @@ class Architecture:
     :class:`~megatron_rpp.models.architectures.table.HFLayout`) and implements
     :meth:`model_spec`. :meth:`param_table` is the one source of truth for conversion,
     checkpoints, live loading, the weight sync to the rollout engine and HF export; the
-    four name/tensor methods below are read from it.
+    three name/tensor methods below are read from it (``to_hf`` is what the weight sync calls).
     """
 
     name: str = ""
@@ -34,10 +34,6 @@ class Architecture:
         if (spec, naming) not in cache:
             cache[(spec, naming)] = build_table(spec, self.hf_layout, naming)
         return cache[(spec, naming)]
-
-    def megatron_param_names(self, spec: ModelSpec) -> list[str]:
-        """Full-model Megatron parameter names (global layer indices), in the fixed order."""
-        return self.param_table(spec).names()
 
     def hf_names_for(self, spec: ModelSpec, name: str) -> list[str]:
         """The HF tensor names that make up Megatron parameter ``name``."""

@@ -35,6 +35,14 @@ def _copy_hf(src: Path, dst: Path, **config_changes) -> Path:
     return dst
 
 
+def _copy_megatron(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            dst.joinpath(p.name).write_bytes(p.read_bytes())
+    return dst
+
+
 def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
 
@@ -101,11 +109,7 @@ def test_weights_that_do_not_fit_the_config(hf_dir, tmp_path):
 
 
 def test_metadata_that_disagrees_with_the_parameter_table(mg_dir, tmp_path):
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    for p in mg_dir.iterdir():
-        if p.is_file():
-            bad.joinpath(p.name).write_bytes(p.read_bytes())
+    bad = _copy_megatron(mg_dir, tmp_path / "ckpt")
     meta = json.loads((bad / METADATA_FILE).read_text())
     (qkv,) = [p for p in meta["params"] if p["name"] == "decoder.layers.0.self_attention.linear_qkv.weight"]
     qkv["partition_dim"] = 1  # column-parallel (dim 0) in Megatron and in the table
@@ -127,11 +131,7 @@ def test_failed_conversion_leaves_nothing(hf_dir, tmp_path):
 
 
 def test_incomplete_or_damaged_megatron_checkpoint(mg_dir, tmp_path):
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    for p in mg_dir.iterdir():
-        if p.is_file():
-            bad.joinpath(p.name).write_bytes(p.read_bytes())
+    bad = _copy_megatron(mg_dir, tmp_path / "ckpt")
     f = bad / shard_file_name(1, 1)
     f.write_bytes(f.read_bytes()[:-8])
     with pytest.raises(CheckpointError, match="model-tp01-pp01.safetensors is .* bytes, metadata says"):
@@ -146,11 +146,7 @@ def test_incomplete_or_damaged_megatron_checkpoint(mg_dir, tmp_path):
 
 
 def test_dtype_mismatch_in_shard_file(mg_dir, tmp_path):
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    for p in mg_dir.iterdir():
-        if p.is_file():
-            bad.joinpath(p.name).write_bytes(p.read_bytes())
+    bad = _copy_megatron(mg_dir, tmp_path / "ckpt")
     meta = json.loads((bad / METADATA_FILE).read_text())
     meta["dtype"] = "bf16"
     (bad / METADATA_FILE).write_text(json.dumps(meta))
