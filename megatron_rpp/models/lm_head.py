@@ -64,7 +64,7 @@ def response_log_probs(hidden: Tensor, weight: Tensor, input_ids: Tensor, resp_i
     """log π of the response tokens (and the entropy there) from the last hidden states.
 
     ``resp_index[b, t]`` is the position whose hidden state predicts response token t of
-    sequence b (``trainer.batch.pad_sequences``); only positions where ``response_mask``
+    sequence b (``RolloutBatch.model_inputs``); only positions where ``response_mask``
     is set are computed, the rest are 0. ``vocab_size``: the real vocabulary when ``weight``
     has padding rows (``provider.real_vocab_size(model)``); they get no probability mass.
 
