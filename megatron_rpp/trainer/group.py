@@ -12,6 +12,7 @@ import os
 from typing import Any, Sequence
 
 from megatron_rpp.config.schema import Config
+from megatron_rpp.utils import console
 
 
 class WorkerError(RuntimeError):
@@ -50,11 +51,13 @@ class RayWorkerGroup:
         from megatron_rpp.parallel.spawn import free_port
         from megatron_rpp.trainer.worker import Worker
 
+        quiet = console.is_quiet()  # workers then write to output_dir/logs/rank_XXXXX.log, not to the driver
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):  # a cluster started by examples/slurm/train.sbatch
-                ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": _forwarded_env()})
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet,
+                         runtime_env={"env_vars": _forwarded_env()})
             else:
-                ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=True,
+                ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=not quiet,
                          runtime_env={"env_vars": _forwarded_env()})
         on_gpu = torch.cuda.is_available()
         from ray.util.placement_group import placement_group
@@ -63,7 +66,10 @@ class RayWorkerGroup:
         bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 0.001}
         self.pg = placement_group([bundle] * num_workers, strategy="PACK")
         ray.get(self.pg.ready(), timeout=300)
-        actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(worker_cls or Worker)
+        worker_cls = worker_cls or Worker
+        if quiet:
+            worker_cls = _with_rank_log(worker_cls, os.path.abspath(cfg.trainer.output_dir))
+        actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(worker_cls)
         port = free_port()
         self.size = num_workers
         self.timeout = call_timeout_s
@@ -112,9 +118,22 @@ class RayWorkerGroup:
         ray.util.remove_placement_group(self.pg)
 
 
+def _with_rank_log(cls: type, output_dir: str) -> type:
+    """``cls`` whose actor first points its stdout/stderr at ``output_dir/logs/rank_XXXXX.log``."""
+
+    class RankLogged(cls):
+        def __init__(self, rank: int, *args: Any, **kwargs: Any):
+            console.redirect_process_output(console.rank_log_path(output_dir, rank))
+            super().__init__(rank, *args, **kwargs)
+
+    RankLogged.__name__ = cls.__name__  # the actor keeps its name in Ray's logs (qualname: pickled by value)
+    return RankLogged
+
+
 def _forwarded_env() -> dict[str, str]:
     keys = ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE",
-            "TRANSFORMERS_OFFLINE", "GLOO_SOCKET_IFNAME", "MASTER_ADDR", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+            "TRANSFORMERS_OFFLINE", "GLOO_SOCKET_IFNAME", "MASTER_ADDR", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
+            console.VERBOSE_ENV)
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_rpp.algorithms.advantages import AdvantageConfig, compute_advantages
+from megatron_rpp.algorithms.advantages import compute_advantages
 from megatron_rpp.algorithms.kl import kl_estimate
 from megatron_rpp.config import Config, save_config
+from megatron_rpp.config.hyper import advantage_config
 from megatron_rpp.checkpoint.train_state import load_rng, save_rng
 from megatron_rpp.trainer import checkpointing, phases
 from megatron_rpp.trainer.failures import NonFiniteGuard
 from megatron_rpp.trainer.setup import RunContext, setup_run
+from megatron_rpp.utils import console
 from megatron_rpp.utils.logging import Progress, Timer, plot_rewards
 
 
@@ -56,9 +58,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         token_kl = None
         if batch.old_log_probs is not None and batch.ref_log_probs is not None:
             token_kl = kl_estimate(batch.old_log_probs, batch.ref_log_probs, a.kl_estimator) * mask
-        adv_cfg = AdvantageConfig(estimator=a.estimator, gamma=a.gamma, whiten=a.whiten or None,
-                                  kl_coef=0.0 if a.kl_use_loss or token_kl is None else a.kl_coef,
-                                  reward_clip=cfg.reward.clip)
+        adv_cfg = advantage_config(cfg, kl_in_reward=token_kl is not None)
         out = compute_advantages(batch.rewards, mask, adv_cfg, group_index=batch.group_index,
                                  token_kl=token_kl if adv_cfg.kl_coef > 0 else None)
         batch = batch.replace(advantages=out.advantages.float(), returns=out.returns.float())
@@ -104,7 +104,7 @@ def train(cfg: Config) -> dict:
         if resume_state:
             guard = restore(ctx, resume_from, resume_state)
             first_eval = next((h for h in ctx.logger.history if h["step"] == 0), {})
-            print(f"[megatron-rpp] resumed from {resume_from} (step {resume_state['step']})")
+            console.say(f"{console.PREFIX} resumed from {resume_from} (step {resume_state['step']})")
         else:
             guard = NonFiniteGuard(t.max_nonfinite_steps_in_a_row)
             first_eval = phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer, ctx.layout)
@@ -165,7 +165,8 @@ def restore(ctx: RunContext, folder: Path, state: dict) -> NonFiniteGuard:
         ctx.reward_norm.load_state_dict(state["reward_norm"])
     saved_kl = state["kl_controller"]["kl_coef"]
     if saved_kl != cfg.algorithm.kl_coef:
-        print(f"[megatron-rpp] note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, the checkpoint used {saved_kl}")
+        console.say(f"{console.PREFIX} note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, "
+                    f"the checkpoint used {saved_kl}")
     nf = state["nonfinite"]
     return NonFiniteGuard(cfg.trainer.max_nonfinite_steps_in_a_row, in_a_row=nf["in_a_row"], total=nf["total"])
 
@@ -187,5 +188,6 @@ def summarize(ctx: RunContext, first_eval: dict) -> dict:
     plot_rewards(hist, out_dir / "reward_curve.png")
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    print("\n" + "\n".join(f"  {k}: {v}" for k, v in summary.items()))
+    console.say("\n".join([f"{console.PREFIX} summary (also in {out_dir / 'summary.json'}):"]
+                          + [f"  {k}: {v}" for k, v in summary.items()]))
     return summary

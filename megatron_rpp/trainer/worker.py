@@ -170,17 +170,13 @@ class Worker:
         mini-batch for one epoch) and, for a KL loss, ``ref_log_probs``. ``counts`` holds the
         mini-batch's global ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
         """
-        from megatron_rpp.algorithms.policy_loss import PolicyLossConfig, policy_loss
+        from megatron_rpp.algorithms.policy_loss import policy_loss
+        from megatron_rpp.config.hyper import policy_loss_config
         from megatron_rpp.models.scoring import output_context, to_micro_batches, token_log_probs
         from megatron_rpp.models.pipeline import forward_backward
         from megatron_rpp.trainer.optim import step_if_finite
 
-        a = self.cfg.algorithm
-        loss_cfg = PolicyLossConfig(
-            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip or None,
-            tis_high=a.tis_cap or None, kl_loss_coef=a.kl_coef if a.kl_use_loss else 0.0,
-            kl_loss_estimator=a.kl_loss_estimator, entropy_coef=a.entropy_coef, agg_mode=a.loss_agg_mode,
-        )
+        loss_cfg = policy_loss_config(self.cfg)
         tp_group = self.groups.tp_group if self.groups.tp_size > 1 else None
         fused = self.cfg.model.fused_output_layer
         device = next(self.policy.parameters()).device
@@ -200,7 +196,7 @@ class Worker:
             )
             n = mask.sum()
             # Rollout engine vs trainer, both for the policy that sampled (π_old).
-            gap = (old - b.rollout_log_probs).abs() * mask
+            gap = (old - b.rollout_log_probs).abs() * mask  # [b, T], 0 off the response
             sums = {k: v.detach().float() * n for k, v in out.metrics.items() if k != "pg_loss"}
             sums.update(tokens=n.float(), rollout_gap_sum=gap.sum(), pg_loss=out.metrics["pg_loss"].detach().float(),
                         loss=out.loss.detach().float())

@@ -74,7 +74,7 @@ def test_static_normalisation():
 
 @pytest.mark.parametrize(
     "overrides,message",
-    [(["reward.model_std=0"], "reward.model_std: must be > 0"),
+    [(["reward.model_std=0"], "reward.model_std: must be a finite number > 0"),
      (["reward.model_dir=/rm", "reward.remote_url=http://x"], "reward.model_dir: cannot be combined")],
 )
 def test_reward_model_config_errors_name_the_key(overrides, message):
