@@ -68,7 +68,8 @@ def megatron_logits_on_rank(megatron_dir: str, tp: int, pp: int, input_ids: torc
     def every_position(output, mb, ids, resp_index):  # [b, S, V/tp]; a score head's [b, S, 1] is not sharded
         full = output.float()
         if base_spec.head == "lm":
-            full = gather_tp(full, groups, partition_dim=output.dim() - 1, gated=False)  # [b, S, V]
+            full = gather_tp(full, groups, partition_dim=output.dim() - 1, gated=False)  # [b, S, V']
+            full = full[..., : base_spec.vocab_size]  # vocabulary padding dropped: [b, S, V]
         return full
 
     batch = RolloutBatch.from_sequences(input_ids.tolist(), [[] for _ in range(input_ids.shape[0])])

@@ -116,16 +116,19 @@ def token_log_probs(output: Tensor, model, mb: RolloutBatch, input_ids: Tensor, 
 
     Shape: output [b, S, H] (``fused``) or [b, S, V/tp] -> ([b, T] fp32, [b, T] fp32 or None).
     """
+    from megatron_rpp.models.provider import real_vocab_size
+
     mask = mb.response_mask
+    vocab_size = real_vocab_size(model)  # logits / output rows beyond it are vocabulary padding
     if fused:
         from megatron_rpp.models.lm_head import output_weight, response_log_probs
 
         return response_log_probs(output, output_weight(model), input_ids, resp_index, mask, tp_group=tp_group,
-                                  temperature=temperature, with_entropy=with_entropy)
+                                  temperature=temperature, with_entropy=with_entropy, vocab_size=vocab_size)
     from megatron_rpp.kernels import vocab_parallel_log_probs
 
     out = vocab_parallel_log_probs(output[:, :-1], input_ids[:, 1:], tp_group=tp_group, temperature=temperature,
-                                   with_entropy=with_entropy)  # [b, S-1]
+                                   with_entropy=with_entropy, vocab_size=vocab_size)  # [b, S-1]
     per_position = out if with_entropy else (out, None)
     zero = torch.zeros((), device=output.device)
 
