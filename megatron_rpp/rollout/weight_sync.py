@@ -3,7 +3,9 @@
 Every rank holds a colocated engine (one per rank, engine TP = 1, or one engine per
 TP group with ``external_launcher``), and every engine needs *every* parameter in full.
 So each parameter travels from the pipeline stage that owns it to all stages, and is
-reassembled from its TP shards on every rank.
+reassembled from its TP shards on every rank. With a virtual pipeline a stage owns
+every PP-th chunk of layers (``ParamTable.stage(entry, pp, vpp)``), so ownership changes
+at every chunk boundary and a bucket never spans two chunks.
 
 Per bucket (consecutive parameters of one owning stage, at most ``bucket_bytes`` in the
 engine dtype; a single larger tensor goes alone):
@@ -112,7 +114,7 @@ def build_plan(model, groups: ParallelGroups, spec: ModelSpec, arch) -> list[Par
     table = arch.param_table(spec)
     tp, pp = groups.tp_size, groups.pp_size
     slots = [
-        ParamSlot(e.name, table.stage(e, pp), e.shard_shape(tp), e.partition_dim is not None and tp > 1,
+        ParamSlot(e.name, table.stage(e, pp, groups.vpp_size), e.shard_shape(tp), e.partition_dim is not None and tp > 1,
                   -1 if e.partition_dim is None else e.partition_dim, e.gated)
         for e in table
     ]
@@ -129,7 +131,7 @@ def build_plan(model, groups: ParallelGroups, spec: ModelSpec, arch) -> list[Par
 
 def _check_stage(model, slots: list[ParamSlot], stage: int, arch_name: str) -> str | None:
     """Why this stage's parameters do not match the table's slots of ``stage`` (None when they do)."""
-    local = {name: p for name, p in iter_local_params(_unwrap(model))}
+    local = {name: p for name, p in iter_local_params(model)}
     mine = {s.name: s for s in slots if s.stage == stage}
     missing, extra = sorted(set(mine) - set(local)), sorted(set(local) - set(mine))
     if missing or extra:
@@ -176,12 +178,6 @@ def plan_buckets(slots: list[ParamSlot], *, tp: int, element_size: int, bucket_b
         cur_bytes += nbytes
     close()
     return buckets
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _pack_local(bucket: Bucket, params: dict[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -235,7 +231,7 @@ def iter_hf_tensors(
     stats = stats if stats is not None else SyncStats()
     t0 = time.perf_counter()
     slots = build_plan(model, groups, spec, arch)
-    params = dict(iter_local_params(_unwrap(model)))
+    params = dict(iter_local_params(model))
     device = next(iter(params.values())).device
     element_size = torch.empty((), dtype=dtype).element_size()
     buckets = plan_buckets(slots, tp=groups.tp_size, element_size=element_size, bucket_bytes=bucket_bytes)
@@ -282,7 +278,8 @@ def sync_weights(
     """Push this world's current Megatron weights into ``engine`` (collective over the world).
 
     Args:
-        model: this rank's Megatron model shard (DDP/Float16 wrappers are unwrapped).
+        model: this rank's Megatron model shard, or its virtual-pipeline chunks (DDP/Float16
+            wrappers are unwrapped).
         spec, arch: the ``ModelSpec`` the model was built from and its ``Architecture``.
         engine: this rank's :class:`RolloutEngine` (its ``dtype`` attribute, if any, is
             the target dtype unless ``dtype`` is given).
@@ -291,7 +288,7 @@ def sync_weights(
     Returns:
         :class:`SyncStats` for this rank.
     """
-    dtype = dtype or getattr(engine, "dtype", None) or next(_unwrap(model).parameters()).dtype
+    dtype = dtype or getattr(engine, "dtype", None) or next(iter_local_params(model))[1].dtype
     stats = SyncStats()
     t0 = time.perf_counter()
     with torch.no_grad():
