@@ -23,11 +23,13 @@ def _batch(cfg, step: int) -> torch.Tensor:
     return torch.randint(0, cfg["vocab_size"], (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(step))
 
 
-def _step(ddp, opt, groups, cfg, step: int) -> None:
-    """One optimizer step on this DP rank's contiguous share of the step's global batch."""
+def _step(ddp, opt, groups, cfg, step: int, micro_batches: int = 1) -> None:
+    """One optimizer step on this DP rank's contiguous share of the step's global batch, in
+    ``micro_batches`` micro-batches (the interleaved schedule needs a multiple of PP)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+    from megatron_rpp.trainer.optim import zero_grad
 
     tokens = _batch(cfg, step).chunk(groups.dp_size)[groups.dp_rank]
     n_global = GLOBAL_BATCH * (SEQ - 1)
@@ -37,9 +39,9 @@ def _step(ddp, opt, groups, cfg, step: int) -> None:
                                            mb.input_ids[:, 1:].t().contiguous())
         return nll.sum() / n_global, {}
 
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    forward_backward(ddp, [MicroBatch(tokens)], loss_fn, groups, forward_only=False)
+    zero_grad(ddp, opt)
+    mbs = [MicroBatch(t) for t in tokens.split(max(1, tokens.shape[0] // micro_batches))]
+    forward_backward(ddp, mbs, loss_fn, groups, forward_only=False)
     ok, _, _ = opt.step()
     assert ok
 
@@ -111,28 +113,6 @@ def test_resume_restores_state_exactly(tmp_path, save_layout, load_layout):
 # ----------------------------------------------------------------------------- distributed optimizer, chunks
 
 
-def _step_layout(ddp, opt, groups, cfg, step: int) -> None:
-    """:func:`_step` through 2 micro-batches (the interleaved schedule needs a multiple of PP)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from megatron_rpp.models.pipeline import MicroBatch, forward_backward
-    from megatron_rpp.trainer.optim import step_if_finite, zero_grad
-
-    tokens = _batch(cfg, step).chunk(groups.dp_size)[groups.dp_rank]
-    n_global = GLOBAL_BATCH * (SEQ - 1)
-
-    def loss_fn(logits, mb):  # logits [B, S, V/tp]
-        nll = vocab_parallel_cross_entropy(logits[:, :-1].transpose(0, 1).contiguous().float(),
-                                           mb.input_ids[:, 1:].t().contiguous())
-        return nll.sum() / n_global, {"nll": nll.detach().sum()}
-
-    zero_grad(ddp, opt)
-    mbs = [MicroBatch(t) for t in tokens.split(max(1, tokens.shape[0] // 2))]
-    aux = forward_backward(ddp, mbs, loss_fn, groups, forward_only=False)
-    ok, _ = step_if_finite(ddp, opt, torch.stack([a["nll"] for a in aux]).sum() if aux else torch.zeros(()))
-    assert ok
-
-
 def _run_layout(cfg, layout, ckpt, mode, try_plain_first=False):
     """``save``: step 1, save, step 2. ``resume``: load, step 2. Distributed optimizer; ``layout``
     = (tp, pp, vpp). Returns the weights after step 2 and the Adam step count (rank 0)."""
@@ -159,12 +139,12 @@ def _run_layout(cfg, layout, ckpt, mode, try_plain_first=False):
     if mode == "resume":
         load_model_and_optimizer(model, opt, ckpt)
     else:
-        _step_layout(ddp, opt, groups, cfg, 1)
+        _step(ddp, opt, groups, cfg, 1, micro_batches=2)
         save_model_and_optimizer(model, opt, ckpt)
     steps = {int(g["step"]) for o in getattr(opt, "chained_optimizers", [opt]) for g in o.optimizer.param_groups
              if "step" in g} | {int(s["step"]) for o in getattr(opt, "chained_optimizers", [opt])
                                 for s in o.optimizer.state.values() if "step" in s}
-    _step_layout(ddp, opt, groups, cfg, 2)
+    _step(ddp, opt, groups, cfg, 2, micro_batches=2)
     after = gather_full_params(model, groups)
     return {"after": after, "steps": steps, "error": error} if torch.distributed.get_rank() == 0 else None
 
