@@ -68,7 +68,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
                                  token_kl=token_kl if adv_cfg.kl_coef > 0 else None)
         batch = batch.replace(advantages=out.advantages.float(), returns=out.returns.float())
     with timer("train"):
-        results = phases.train_minibatches(group, layout, cfg, batch)
+        results, train_tokens = phases.train_minibatches(group, layout, cfg, batch)
         train = phases.mean_metrics(results)
     with timer("weight_sync"):
         phases.wake_engine(group, ["weights"])
@@ -92,6 +92,9 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         "weight_sync/bytes": float(sync.get("bytes", 0)), "weight_sync/buckets": float(sync.get("buckets", 0)),
         "weight_sync/direct": float(sync.get("path") == "direct"),
         **({"weight_sync/check_max_abs_diff": check["max_abs_diff"]} if check else {}),
+        "tokens/train_real": train_tokens["real"], "tokens/train_padded": train_tokens["padded"],
+        **({f"tokens/score_{k}": v for k, v in phases.token_counts(cfg, layout, batch).items()}
+           if needs_old_forward(cfg) or a.kl_coef > 0 else {}),
         "_tokens": float(batch.sequence_lengths.sum()),
         "_applied": [bool(r["update_ok"]) for r in results],
     }
