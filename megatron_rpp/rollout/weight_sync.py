@@ -23,8 +23,8 @@ single larger tensor goes alone):
 
 **Direct-shard path** (engine TP = Megatron TP and the architecture's vLLM layout is
 registered, ``rollout/vllm_shards.py``): the engine group is the TP group, so each rank
-needs only its own TP rank's shards: steps 1-2 on a [1, bucket/tp] buffer, no step 3, and
-each shard converted locally to vLLM's per-rank layout (QKV regrouped; vocabulary rows
+needs only its own TP rank's shards: steps 1-2 on a [1, bucket/tp] buffer (PP > 1; with
+PP = 1 no buffer at all: the live shards are read in place), no step 3, and each shard converted locally to vLLM's per-rank layout (QKV regrouped; vocabulary rows
 re-cut after a TP gather of that one tensor where Megatron's and vLLM's vocabulary padding
 differ), yielded to ``engine.load_shards``. Per rank it moves 1/tp of the bytes of the
 all-gather path.
@@ -123,6 +123,8 @@ class SyncStats:
     """The engine's own part: ``seconds - gather_seconds`` (vLLM's loaders and post-processing) in the
     all-gather path; vLLM's weight post-processing alone in the direct path (our copies into its
     parameters are ours)."""
+    load_seconds: float = 0.0
+    """Direct path: copying the shards into the engine's parameters (counted as ours, not the engine's)."""
     path: str = "gather"
     """``gather`` or ``direct``."""
 
@@ -278,15 +280,23 @@ def _move_bucket(bucket: Bucket, params, groups: ParallelGroups, dtype, device) 
 
 
 def _moved_buckets(model, groups: ParallelGroups, slots: list[ParamSlot], *, dtype: torch.dtype,
-                   bucket_bytes: int, stats: SyncStats) -> Iterator[tuple[Bucket, torch.Tensor]]:
-    """``(bucket, its rows)`` after steps 1-3, one bucket at a time (collective)."""
+                   bucket_bytes: int, stats: SyncStats,
+                   local_in_place: bool = False) -> Iterator[tuple[Bucket, torch.Tensor | None]]:
+    """``(bucket, its rows)`` after steps 1-3, one bucket at a time (collective).
+
+    ``local_in_place``: a bucket that needs no collective (not gathered, PP = 1: the direct
+    path's own shards) is not packed; its rows are None and the caller reads the live shards.
+    """
     params = dict(iter_local_params(_unwrap(model)))
     device = next(iter(params.values())).device
     element_size = torch.empty((), dtype=dtype).element_size()
     for bucket in plan_buckets(slots, tp=groups.tp_size, element_size=element_size, bucket_bytes=bucket_bytes):
         t0 = time.perf_counter()
-        rows = _move_bucket(bucket, params, groups, dtype, device)
         stats.buckets += 1
+        if local_in_place and groups.pp_size == 1 and not bucket.gather:
+            yield bucket, None
+            continue
+        rows = _move_bucket(bucket, params, groups, dtype, device)
         stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket.nbytes)
         stats.gather_seconds += time.perf_counter() - t0
         yield bucket, rows
@@ -369,8 +379,10 @@ def iter_vllm_shards(
     local = vllm_shards.local_qkv_spec(spec, tp)
     vocab_rows = vllm_shards.vllm_vocab_rows(spec.vocab_size, tp)
     slots = build_plan(model, groups, spec, arch, direct=True)
+    params = dict(iter_local_params(_unwrap(model)))
     stats.gather_seconds += time.perf_counter() - t0
-    for bucket, rows in _moved_buckets(model, groups, slots, dtype=dtype, bucket_bytes=bucket_bytes, stats=stats):
+    for bucket, rows in _moved_buckets(model, groups, slots, dtype=dtype, bucket_bytes=bucket_bytes, stats=stats,
+                                       local_in_place=True):
         off = 0
         for slot in bucket.slots:
             t0 = time.perf_counter()
@@ -378,8 +390,9 @@ def iter_vllm_shards(
             if slot.gather:  # vocabulary rows that differ from vLLM's: re-cut from the gathered tensor
                 full = _full_tensor(slot, rows, off, len(bucket.slots) == 1, tp)
                 tensor = vllm_shards.vllm_vocab_shard(full, spec.vocab_size, vocab_rows, rank)
-            else:
-                shard = rows[0, off:off + slot.shard_numel].view(slot.shard_shape)
+            else:  # PP = 1: the live shard itself (no copy unless cast); else this rank's row of the bucket
+                shard = (params[slot.name].detach().to(dtype).reshape(slot.shard_shape) if rows is None
+                         else rows[0, off:off + slot.shard_numel].view(slot.shard_shape))
                 tensor = vllm_shards.to_vllm_shard(vllm_shards.shard_kind(slot.role, spec, tp), shard, local)
             off += slot.shard_numel
             name = layout.name(slot.role, entry.layer)
@@ -424,6 +437,7 @@ def sync_weights(
             out = engine.load_shards(iter_vllm_shards(model, groups, spec, arch, dtype=dtype,
                                                       bucket_bytes=bucket_bytes, stats=stats))
             stats.engine_seconds = float((out or {}).get("post_process_seconds", 0.0))
+            stats.load_seconds = float((out or {}).get("load_seconds", 0.0))
         else:
             engine.update_weights(iter_hf_tensors(model, groups, spec, arch, dtype=dtype, bucket_bytes=bucket_bytes,
                                                   stats=stats, engine_spec=plan.engine_spec))
