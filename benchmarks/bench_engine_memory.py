@@ -19,7 +19,6 @@ Prints a table and writes benchmarks/results/engine_memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -107,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['engine_tp']:>9}{r['rank']:>5}{r['path']:>8}{r['rss_before_kib'] / 1024:>11.0f}"
               f"{r['engine_peak_bytes'] / MiB:>16.0f}{r['engine_kept_bytes'] / MiB:>9.0f}{r['self_check']:>10.1e}")
     print(f"engine peak, TP=2 / TP=1: {result['engine_peak_ratio_tp2_to_tp1']:.2f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    from bench_weight_sync import write_result  # this folder is on sys.path when run as a script
+
+    write_result(args.output, result)
     return 0
 
 

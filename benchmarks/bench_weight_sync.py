@@ -194,6 +194,13 @@ def project_70b(*, tp: int = 8, pp: int = 2, engine_tp: int = 8, bucket_bytes: i
     }
 
 
+def write_result(path: str, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (folders created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--buckets-mib", type=int, nargs="+", default=[8, 64, 512], help="bucket sizes to time (MiB)")
@@ -244,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
               f" + HBM copies {p['seconds_hbm_copies']:.2f} s = {p['seconds_serial']:.2f} s per sync (no overlap); engine "
               f"weights {p['engine_weights_bytes_per_gpu'] / 1e9:.1f} GB per GPU, KV cache {p['kv_cache_bytes_per_gpu'] / 1e9:.1f} GB "
               f"({p['kv_cache_tokens_per_engine']:,} tokens per engine)")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return 0
 
 
