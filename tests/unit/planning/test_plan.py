@@ -130,6 +130,6 @@ def test_planner_imports_nothing_heavy():
     code = ("import sys; from megatron_rpp.config import load_config; from megatron_rpp.planning import plan_for_config;"
             f"p = plan_for_config(load_config({str(EXAMPLES / 'qwen2.5_72b_rm.yaml')!r}), device='gpu', "
             "capacity_bytes=80 << 30); import torch.distributed as d;"
-            "print(sorted(m for m in ('megatron', 'vllm', 'ray', 'transformers') if m in sys.modules), d.is_initialized())")
+            "print(sorted(m for m in ('megatron', 'vllm', 'ray', 'transformers', 'triton') if m in sys.modules), d.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == ["[]", "False"]
