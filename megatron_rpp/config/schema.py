@@ -161,7 +161,14 @@ class TrainerConfig:
     train_batch_size: int = 128
     """Samples per optimizer step (mini-batch); must divide rollout_batch_size × n_samples_per_prompt."""
     micro_batch_size: int = 8
-    """Samples per forward/backward micro-batch on one data-parallel rank."""
+    """Samples per forward/backward micro-batch on one data-parallel rank (when
+    ``max_tokens_per_micro_batch`` is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch (0 = off: ``micro_batch_size`` sequences each). When set,
+    length-sorted sequences fill each micro-batch while rows x longest row stays within the
+    budget (a longer sequence goes alone), for training and scoring alike; results are unchanged
+    (losses use global token counts), padded work shrinks. Sequences are always balanced
+    across data-parallel ranks by tokens."""
     num_epochs: int = 1
     """Passes over each rollout batch."""
     lr: float = 5e-7

@@ -43,7 +43,7 @@ AT_LEAST = {
     "rollout.check_sync_interval": 0, "trainer.steps": 1, "trainer.train_batch_size": 1,
     "trainer.micro_batch_size": 1, "trainer.num_epochs": 1, "trainer.num_workers": 1,
     "trainer.eval_interval": 0, "trainer.save_interval": 0, "trainer.keep_checkpoints": 1,
-    "trainer.max_nonfinite_steps_in_a_row": 1,
+    "trainer.max_nonfinite_steps_in_a_row": 1, "trainer.max_tokens_per_micro_batch": 0,
 }
 #: Seeds: integers in [0, SEED_MAX].
 SEEDS = ("data.seed", "trainer.seed")
@@ -247,11 +247,13 @@ def _check_batches(cfg: Config) -> None:
             f"trainer.train_batch_size ({t.train_batch_size}) must divide rollout.rollout_batch_size × "
             f"rollout.n_samples_per_prompt ({total})"
         )
-    if t.train_batch_size % (dp * t.micro_batch_size):
+    if not t.max_tokens_per_micro_batch and t.train_batch_size % (dp * t.micro_batch_size):
         raise ConfigError(
             f"trainer.train_batch_size ({t.train_batch_size}) must be a multiple of data-parallel size ({dp}) × "
             f"trainer.micro_batch_size ({t.micro_batch_size})"
         )
+    if t.train_batch_size < dp:
+        raise ConfigError(f"trainer.train_batch_size ({t.train_batch_size}) must be >= the data-parallel size ({dp})")
 
 
 def _local_model_folder(hf_dir: str) -> Path | None:

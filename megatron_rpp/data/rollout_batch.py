@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["RolloutBatch", "micro_batch_indices", "pad_right"]
+__all__ = ["RolloutBatch", "balanced_parts", "micro_batch_indices", "pad_right", "padded_tokens"]
 
 #: Optional per-response-token fields, each [B, T] fp32 (0 on padding).
 TOKEN_FIELDS = ("rollout_log_probs", "old_log_probs", "ref_log_probs", "values", "advantages", "returns")
@@ -52,20 +52,56 @@ def pad_right(rows: Sequence[Sequence[int] | Tensor], *, width: int | None = Non
     return out
 
 
-def micro_batch_indices(lengths: Tensor, micro_batch_size: int) -> list[Tensor]:
+def micro_batch_indices(lengths: Tensor, micro_batch_size: int, max_tokens: int = 0) -> list[Tensor]:
     """Split rows into micro-batches of similar length (less padding); each entry holds the
     original row indices of one micro-batch.
 
-    Rows are sorted by length (stable) and cut into groups of ``micro_batch_size``. The
-    grouping changes no result: losses are normalised by global counts and scores are put
-    back in the original order. Token-budget micro-batches plug in here.
+    Rows are sorted by length (stable). With ``max_tokens == 0`` they are cut into groups of
+    ``micro_batch_size``; with a token budget, each micro-batch takes rows in that order while
+    its padded size (rows x longest row) stays within ``max_tokens`` (a row longer than the
+    budget goes alone), and ``micro_batch_size`` is not used. The grouping changes no result:
+    losses are normalised by global counts and scores are put back in the original order.
 
     Shape: lengths [B] -> list of [b_i] long index tensors, sum b_i = B.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     order = torch.sort(lengths, stable=True).indices
-    return list(order.split(micro_batch_size))
+    if not max_tokens:
+        return list(order.split(micro_batch_size))
+    sizes, count = [], 0
+    for n in lengths[order].tolist():  # ascending: the newest row is the longest
+        if count and (count + 1) * n > max_tokens:
+            sizes.append(count)
+            count = 0
+        count += 1
+    if count:
+        sizes.append(count)
+    return list(order.split(sizes))
+
+
+def padded_tokens(lengths: Tensor, parts: list[Tensor]) -> int:
+    """Positions a model processes for micro-batches ``parts`` of rows with ``lengths``
+    (each micro-batch is right-padded to its longest row). Shape: lengths [B]."""
+    return sum(len(p) * int(lengths[p].max()) for p in parts if len(p))
+
+
+def balanced_parts(lengths: Tensor, parts: int) -> list[Tensor]:
+    """Rows split into ``parts`` groups of near-equal total length (greedy longest-first: each
+    row to the group with the fewest tokens so far, ties to the lower index), so data-parallel
+    ranks finish together. Each group's indices are ascending (batch order is kept).
+
+    Shape: lengths [B] -> ``parts`` [b_d] long index tensors.
+    """
+    load = [0] * parts
+    members: list[list[int]] = [[] for _ in range(parts)]
+    for i in torch.sort(lengths, descending=True, stable=True).indices.tolist():
+        d = min(range(parts), key=lambda k: (load[k], len(members[k]), k))
+        members[d].append(i)
+        load[d] += int(lengths[i])
+    return [torch.tensor(sorted(m), dtype=torch.long) for m in members]
 
 
 @dataclass
@@ -196,9 +232,10 @@ class RolloutBatch:
             out[f.name] = v
         return type(self)(**out)
 
-    def micro_batches(self, micro_batch_size: int) -> list[tuple[Tensor, "RolloutBatch"]]:
+    def micro_batches(self, micro_batch_size: int, max_tokens: int = 0) -> list[tuple[Tensor, "RolloutBatch"]]:
         """``(row indices, trimmed rows)`` per micro-batch (:func:`micro_batch_indices`)."""
-        return [(idx, self.select(idx).trimmed()) for idx in micro_batch_indices(self.sequence_lengths, micro_batch_size)]
+        return [(idx, self.select(idx).trimmed())
+                for idx in micro_batch_indices(self.sequence_lengths, micro_batch_size, max_tokens)]
 
     def model_inputs(self) -> tuple[Tensor, Tensor]:
         """``(input_ids, resp_index)``: prompt + response packed right-padded, and the position

@@ -28,13 +28,14 @@ from megatron_rpp.parallel.groups import ParallelGroups
 Head = Callable[[Tensor, RolloutBatch, Tensor, Tensor], Tensor]
 
 
-def to_micro_batches(batch: RolloutBatch, micro_batch_size: int, device: torch.device | str):
-    """Megatron micro-batches of ``batch`` (length-sorted, trimmed, on ``device``); each carries
-    ``extras = {"batch": rows, "rows": indices, "resp_index": [b, T']}``."""
+def to_micro_batches(batch: RolloutBatch, micro_batch_size: int, device: torch.device | str, max_tokens: int = 0):
+    """Megatron micro-batches of ``batch`` (length-sorted, trimmed, on ``device``; a token budget
+    when ``max_tokens``, see :func:`~megatron_rpp.data.rollout_batch.micro_batch_indices`); each
+    carries ``extras = {"batch": rows, "rows": indices, "resp_index": [b, T']}``."""
     from megatron_rpp.models.pipeline import MicroBatch
 
     out = []
-    for idx, mb in batch.micro_batches(micro_batch_size):
+    for idx, mb in batch.micro_batches(micro_batch_size, max_tokens):
         mb = mb.to(device)
         input_ids, resp_index = mb.model_inputs()
         out.append(MicroBatch(input_ids, extras={"batch": mb, "rows": idx, "resp_index": resp_index}))
@@ -50,7 +51,7 @@ def output_context(model, hidden_states: bool):
 
 @torch.no_grad()
 def forward_score(model, groups: ParallelGroups, batch: RolloutBatch, head: Head, *, micro_batch_size: int,
-                  hidden_states: bool = False) -> Tensor | None:
+                  max_tokens: int = 0, hidden_states: bool = False) -> Tensor | None:
     """``head``'s output for every row of ``batch``, in the batch's order (collective over the
     model's TP x PP group: every rank passes the same rows).
 
@@ -62,7 +63,7 @@ def forward_score(model, groups: ParallelGroups, batch: RolloutBatch, head: Head
     from megatron_rpp.models.pipeline import forward_backward, unwrap
 
     device = next(unwrap(model).parameters()).device
-    mbs = to_micro_batches(batch, micro_batch_size, device)
+    mbs = to_micro_batches(batch, micro_batch_size, device, max_tokens)
 
     def loss_fn(output, mb):
         e = mb.extras

@@ -63,7 +63,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
                                  token_kl=token_kl if adv_cfg.kl_coef > 0 else None)
         batch = batch.replace(advantages=out.advantages.float(), returns=out.returns.float())
     with timer("train"):
-        results = phases.train_minibatches(group, layout, cfg, batch)
+        results, train_tokens = phases.train_minibatches(group, layout, cfg, batch)
         train = phases.mean_metrics(results)
     with timer("weight_sync"):
         sync = group.call("sync_weights")[0]
@@ -84,6 +84,9 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
                                              if "rollout_logprob_max_abs_diff" in r), default=float("nan")),
         "weight_sync/bytes": float(sync.get("bytes", 0)), "weight_sync/buckets": float(sync.get("buckets", 0)),
         **({"weight_sync/check_max_abs_diff": check["max_abs_diff"]} if check else {}),
+        "tokens/train_real": train_tokens["real"], "tokens/train_padded": train_tokens["padded"],
+        **({f"tokens/score_{k}": v for k, v in phases.token_counts(cfg, layout, batch).items()}
+           if needs_old_forward(cfg) or a.kl_coef > 0 else {}),
         "_tokens": float(batch.sequence_lengths.sum()),
         "_applied": [bool(r["update_ok"]) for r in results],
     }

@@ -11,7 +11,7 @@ import torch
 
 from megatron_rpp.config.hyper import sampling_config
 from megatron_rpp.config.schema import Config
-from megatron_rpp.data.rollout_batch import RolloutBatch
+from megatron_rpp.data.rollout_batch import RolloutBatch, balanced_parts, micro_batch_indices, padded_tokens
 from megatron_rpp.data.prompts import Prompt
 from megatron_rpp.rollout.engine import SamplingConfig
 
@@ -57,12 +57,21 @@ def generate(group, prompts: list[Prompt], sampling: SamplingConfig, rng_seed: i
     return batch.select(torch.sort(batch.group_index, stable=True).indices)  # keeps each prompt's n samples in order
 
 
+def dp_shards(batch: RolloutBatch, layout: Layout) -> list[torch.Tensor]:
+    """Each DP rank's rows of ``batch``: balanced by tokens, so the ranks finish together."""
+    return balanced_parts(batch.sequence_lengths, layout.dp_size)
+
+
 def _per_dp_shard(group, layout: Layout, method: str, batch: RolloutBatch, *args) -> torch.Tensor:
-    """Run ``method(shard, *args)`` with each DP rank's contiguous shard of ``batch``; the
-    reporters' results concatenated in batch order."""
-    shards = batch.split(layout.dp_size)
-    outs = group.call(method, [(shards[layout.dp_of_rank[r]], *args) for r in range(group.size)])
-    return torch.cat([outs[layout.reporter_of_dp[d]] for d in range(layout.dp_size)])
+    """Run ``method(shard, *args)`` with each DP rank's shard of ``batch``; the reporters'
+    results put back in batch order."""
+    parts = dp_shards(batch, layout)
+    outs = group.call(method, [(batch.select(parts[layout.dp_of_rank[r]]), *args) for r in range(group.size)])
+    results = [outs[layout.reporter_of_dp[d]] for d in range(layout.dp_size)]
+    out = torch.zeros((len(batch), *results[0].shape[1:]), dtype=results[0].dtype)
+    for idx, res in zip(parts, results):
+        out[idx] = res
+    return out
 
 
 def score(group, layout: Layout, batch: RolloutBatch, which: str) -> torch.Tensor:
@@ -70,21 +79,38 @@ def score(group, layout: Layout, batch: RolloutBatch, which: str) -> torch.Tenso
     return _per_dp_shard(group, layout, "score", batch, which)
 
 
-def train_minibatches(group, layout: Layout, cfg: Config, batch: RolloutBatch) -> list[dict]:
-    """``num_epochs`` passes over the rollout batch in mini-batches of ``train_batch_size``."""
+def train_minibatches(group, layout: Layout, cfg: Config, batch: RolloutBatch) -> tuple[list[dict], dict]:
+    """``num_epochs`` passes over the rollout batch in mini-batches of ``train_batch_size``.
+
+    Returns the reporter's metrics of every optimizer step and the real / padded token
+    positions processed (:func:`token_counts`, summed over the mini-batches)."""
     t = cfg.trainer
     g = torch.Generator().manual_seed(t.seed)
-    results = []
+    results, tokens = [], {"real": 0.0, "padded": 0.0}
     for _ in range(t.num_epochs):
         shuffle = t.num_epochs > 1 or len(batch) > t.train_batch_size
         order = torch.randperm(len(batch), generator=g) if shuffle else torch.arange(len(batch))
         for mini in order.split(t.train_batch_size):
             mb = batch.select(mini)
             counts = {"tokens": mb.num_response_tokens, "seqs": len(mb), "max_response_len": cfg.model.max_response_length}
-            shards = mb.split(layout.dp_size)
-            outs = group.call("train", [(shards[layout.dp_of_rank[r]], counts) for r in range(group.size)])
+            parts = dp_shards(mb, layout)
+            outs = group.call("train", [(mb.select(parts[layout.dp_of_rank[r]]), counts) for r in range(group.size)])
             results.append(outs[layout.reporter_of_dp[0]])
-    return results
+            for k, v in token_counts(cfg, layout, mb).items():
+                tokens[k] += v
+    return results, tokens
+
+
+def token_counts(cfg: Config, layout: Layout, batch: RolloutBatch) -> dict[str, float]:
+    """Real and processed (padded) token positions of one forward over ``batch`` on every DP
+    rank, with the micro-batches the workers build (``trainer.micro_batch_size`` /
+    ``trainer.max_tokens_per_micro_batch``)."""
+    t, lengths = cfg.trainer, batch.sequence_lengths
+    processed = 0
+    for part in dp_shards(batch, layout):
+        mbs = micro_batch_indices(lengths[part], t.micro_batch_size, t.max_tokens_per_micro_batch)
+        processed += padded_tokens(lengths[part], mbs)
+    return {"real": float(lengths.sum()), "padded": float(processed - int(lengths.sum()))}
 
 
 def mean_metrics(results: list[dict]) -> dict:
@@ -100,15 +126,16 @@ def reward_model_scores(group, layout: Layout, batch: RolloutBatch) -> torch.Ten
 
 
 def sequence_rewards(group, layout: Layout, cfg: Config, scorer, tokenizer, batch: RolloutBatch,
-                     prompts: list[Prompt]) -> torch.Tensor:
-    """One reward per sequence [B] fp32: the reward model's score when ``reward.model_dir`` is
-    set, else ``scorer`` on the decoded response text (``prompts[group_index[b]]`` is b's prompt)."""
+                     prompts: list[Prompt], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One reward per sequence [B] in ``dtype``: the reward model's score when ``reward.model_dir``
+    is set, else ``scorer`` on the decoded response text (``prompts[group_index[b]]`` is b's
+    prompt). Training uses fp32; the evaluation mean is taken in fp64 so that it is the scorer's."""
     if cfg.reward.model_dir:
-        return reward_model_scores(group, layout, batch)
+        return reward_model_scores(group, layout, batch).to(dtype)
     texts = [tokenizer.decode(batch.response_list(b), skip_special_tokens=True) for b in range(len(batch))]
     owners = [prompts[i] for i in batch.group_index.tolist()]
     rewards = scorer([p.text for p in owners], texts, [p.sample for p in owners])
-    return torch.tensor(rewards, dtype=torch.float32)
+    return torch.tensor(rewards, dtype=dtype)
 
 
 def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layout: Layout) -> dict:
@@ -117,7 +144,7 @@ def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layou
         return {}
     sampling = sampling_config(cfg, n=1, temperature=cfg.rollout.eval_temperature)
     batch = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
-    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts)
+    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts, torch.float64)
     return {"eval/reward_mean": float(rewards.mean()),
             "eval/response_length_mean": float(batch.response_lengths.float().mean())}
 

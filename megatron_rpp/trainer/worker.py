@@ -8,10 +8,8 @@ data-parallel group (same DP index) receive the same sequences.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +21,15 @@ from megatron_rpp.rollout.engine import SamplingConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _ranks_on_this_node() -> int:
+    """How many ranks of the world run on this rank's host (they share its cores)."""
+    import socket
+
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(hosts[dist.get_rank()])
+
+
 class Worker:
     def __init__(self, rank: int, world_size: int, master_port: int, cfg: Config, hf_dir: str):
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(master_port))
@@ -31,6 +38,10 @@ class Worker:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world_size)
+        from megatron_rpp.parallel.threads import claim_threads, rank_threads
+
+        self.num_threads = rank_threads(_ranks_on_this_node())
+        claim_threads(self.num_threads)
         from megatron_rpp.models.architectures import architecture_for_config
         from megatron_rpp.checkpoint.hf_loader import load_hf_weights
         from megatron_rpp.models.provider import build_gpt_model
@@ -63,6 +74,7 @@ class Worker:
             self.reward_model, _ = build_reward_model(cfg.reward.model_dir, self.groups, dtype=dtype,
                                                       vocab_size=self.spec.vocab_size)
         self.engine = self._build_engine()
+        claim_threads(self.num_threads)  # the CPU engine took torch's threads: give them back
 
     # ------------------------------------------------------------------ plumbing
     def _build_engine(self):
@@ -86,7 +98,7 @@ class Worker:
     def info(self) -> dict:
         g = self.groups
         return {"rank": self.rank, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank,
-                "dp_size": g.dp_size, "reporter": self.is_reporter}
+                "dp_size": g.dp_size, "reporter": self.is_reporter, "threads": self.num_threads}
 
     # ------------------------------------------------------------------ rollout
     def generate(self, prompts: RolloutBatch, sampling: SamplingConfig, rng_seed: int | None = None) -> RolloutBatch:
@@ -127,6 +139,10 @@ class Worker:
         return check_engine_matches_trainer(self.engine, self.policy, self.groups, probes, max_abs_tol=tolerance)
 
     # ------------------------------------------------------------------ scoring
+    def _micro_batching(self) -> dict:
+        t = self.cfg.trainer
+        return {"micro_batch_size": t.micro_batch_size, "max_tokens": t.max_tokens_per_micro_batch}
+
     def _log_probs_head(self, model, *, with_entropy: bool = False):
         from megatron_rpp.models.scoring import response_log_probs_head
 
@@ -141,8 +157,7 @@ class Worker:
         model = {"policy": self.policy, "ref": self.ref}[which]
         if model is None:
             raise RuntimeError(f"no {which} model on this worker")
-        out = forward_score(model, self.groups, batch, self._log_probs_head(model),
-                            micro_batch_size=self.cfg.trainer.micro_batch_size,
+        out = forward_score(model, self.groups, batch, self._log_probs_head(model), **self._micro_batching(),
                             hidden_states=self.cfg.model.fused_output_layer)
         return out if self.is_reporter else None
 
@@ -156,8 +171,7 @@ class Worker:
         if self.reward_model is None:
             raise RuntimeError("no reward model on this worker (reward.model_dir is empty)")
         r = self.cfg.reward
-        scores = forward_score(self.reward_model, self.groups, batch, last_token_head,
-                               micro_batch_size=self.cfg.trainer.micro_batch_size)
+        scores = forward_score(self.reward_model, self.groups, batch, last_token_head, **self._micro_batching())
         return normalize_scores(scores, r.model_mean, r.model_std) if self.is_reporter else None
 
     # ------------------------------------------------------------------ training
@@ -169,59 +183,13 @@ class Worker:
         mini-batch for one epoch) and, for a KL loss, ``ref_log_probs``. ``counts`` holds the
         mini-batch's global ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
         """
-        from megatron_rpp.algorithms.policy_loss import policy_loss
         from megatron_rpp.config.hyper import policy_loss_config
-        from megatron_rpp.models.scoring import output_context, to_micro_batches, token_log_probs
-        from megatron_rpp.models.pipeline import forward_backward
-        from megatron_rpp.trainer.optim import step_if_finite
+        from megatron_rpp.trainer.update import StepSettings, policy_update
 
-        loss_cfg = policy_loss_config(self.cfg)
-        tp_group = self.groups.tp_group if self.groups.tp_size > 1 else None
-        fused = self.cfg.model.fused_output_layer
-        device = next(self.policy.parameters()).device
-        mbs = to_micro_batches(batch, self.cfg.trainer.micro_batch_size, device)
-
-        def loss_fn(output, mb):
-            b: RolloutBatch = mb.extras["batch"]
-            mask = b.response_mask
-            lp, ent = token_log_probs(output, self.ddp, b, mb.input_ids, mb.extras["resp_index"], tp_group=tp_group,
-                                      temperature=self.cfg.rollout.temperature, fused=fused, with_entropy=True)
-            old = b.old_log_probs if b.old_log_probs is not None else lp.detach()
-            out = policy_loss(
-                lp, old, b.advantages, mask, loss_cfg,
-                global_token_count=counts["tokens"], global_seq_count=counts["seqs"],
-                max_response_len=counts["max_response_len"], ref_log_probs=b.ref_log_probs,
-                rollout_log_probs=b.rollout_log_probs, entropy=ent,
-            )
-            n = mask.sum()
-            # Rollout engine vs trainer, both for the policy that sampled (π_old).
-            gap = (old - b.rollout_log_probs).abs() * mask  # [b, T], 0 off the response
-            sums = {k: v.detach().float() * n for k, v in out.metrics.items() if k != "pg_loss"}
-            sums.update(tokens=n.float(), rollout_gap_sum=gap.sum(), pg_loss=out.metrics["pg_loss"].detach().float(),
-                        loss=out.loss.detach().float())
-            return out.loss, {"sums": sums, "rollout_gap_max": gap.max()}
-
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        with output_context(self.ddp, fused):
-            aux = forward_backward(self.ddp, mbs, loss_fn, self.groups, forward_only=False)
-        loss_sum = torch.stack([a["sums"]["loss"] for a in aux]).sum() if aux else torch.zeros(())
-        ok, grad_norm = step_if_finite(self.ddp, self.optimizer, loss_sum)
-        metrics: dict[str, Any] = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                                   "update_ok": bool(ok), "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.groups.is_last_stage:
-            keys = sorted(aux[0]["sums"])
-            total = torch.stack([torch.stack([a["sums"][k] for k in keys]) for a in aux]).sum(0)  # [M, K] -> [K]
-            gap_max = torch.stack([a["rollout_gap_max"] for a in aux]).max().reshape(1)
-            dist.all_reduce(total, group=self.groups.dp_group)
-            dist.all_reduce(gap_max, op=dist.ReduceOp.MAX, group=self.groups.dp_group)
-            sums = dict(zip(keys, total.tolist()))
-            tokens = max(sums.pop("tokens"), 1.0)
-            metrics["loss"] = sums.pop("loss")
-            metrics["pg_loss"] = sums.pop("pg_loss")
-            metrics["rollout_logprob_abs_diff"] = sums.pop("rollout_gap_sum") / tokens
-            metrics["rollout_logprob_max_abs_diff"] = float(gap_max)
-            metrics.update({k: v / tokens for k, v in sums.items()})
+        settings = StepSettings(temperature=self.cfg.rollout.temperature,
+                                fused_output_layer=self.cfg.model.fused_output_layer, **self._micro_batching())
+        metrics = policy_update(self.ddp, self.optimizer, self.groups, batch, counts, policy_loss_config(self.cfg),
+                                settings)
         return metrics if self.is_reporter else {k: metrics[k] for k in ("grad_norm", "update_ok", "lr")}
 
     # ------------------------------------------------------------------ checkpoints

@@ -12,18 +12,24 @@ from megatron_rpp.utils import console
 
 
 class Timer:
-    """``with timer("generate"): ...`` accumulates seconds under ``timing/generate``."""
+    """``with timer("generate"): ...`` accumulates seconds under ``timing/generate``; with
+    ``cpu=True`` also this process's CPU seconds (all its threads) under ``cpu_seconds/generate``
+    (CPU utilisation = cpu_seconds / timing: 2.0 = two cores busy)."""
 
-    def __init__(self):
+    def __init__(self, cpu: bool = False):
         self.times: dict[str, float] = {}
+        self.cpu = cpu
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.times[f"timing/{name}"] = self.times.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
+            if self.cpu:
+                key = f"cpu_seconds/{name}"
+                self.times[key] = self.times.get(key, 0.0) + time.process_time() - c0
 
     def pop(self) -> dict[str, float]:
         out, self.times = self.times, {}

@@ -84,3 +84,33 @@ def test_micro_batches_sort_by_length_and_cover_every_row():
     assert mbs[0][1].response_ids.shape == (2, 1) and mbs[0][1].prompt_ids.shape == (2, 3)  # trimmed
     with pytest.raises(ValueError):
         micro_batch_indices(lengths, 0)
+
+
+def test_token_budget_micro_batches():
+    from megatron_rpp.data.rollout_batch import padded_tokens
+
+    lengths = torch.tensor([7, 69, 14, 45, 21, 12, 54, 22])
+    # sorted: 7 12 14 21 22 45 54 69 (rows 0 5 2 4 7 3 6 1); budget 64 = rows x longest:
+    # [7,12,14,21] 4*21=84 > 64 -> [7,12,14] (3*14=42); [21,22] (44; +45 -> 135); [45] (+54 -> 108); [54]; [69] alone
+    idx = micro_batch_indices(lengths, micro_batch_size=1, max_tokens=64)
+    assert [i.tolist() for i in idx] == [[0, 5, 2], [4, 7], [3], [6], [1]]
+    # processed positions: 3*14 + 2*22 + 45 + 54 + 69 = 254 for 256 real... real = 244
+    assert padded_tokens(lengths, idx) == 42 + 44 + 45 + 54 + 69 and int(lengths.sum()) == 244
+    fixed = micro_batch_indices(lengths, micro_batch_size=4)  # [7,12,14,21] [22,45,54,69]
+    assert padded_tokens(lengths, fixed) == 4 * 21 + 4 * 69
+    with pytest.raises(ValueError):
+        micro_batch_indices(lengths, 1, max_tokens=-1)
+
+
+def test_balanced_parts_by_tokens():
+    from megatron_rpp.data.rollout_batch import balanced_parts
+
+    lengths = torch.tensor([7, 69, 14, 45, 21, 12, 54, 22])
+    parts = balanced_parts(lengths, 2)
+    # longest first to the lighter part: 69->A, 54->B, 45->B(99), 22->A(91), 21->A(112), 14->B(113), 12->A(124), 7->B(120)
+    assert [p.tolist() for p in parts] == [[1, 4, 5, 7], [0, 2, 3, 6]]
+    assert [int(lengths[p].sum()) for p in parts] == [124, 120]
+    contiguous = [int(lengths[p].sum()) for p in torch.arange(8).tensor_split(2)]
+    assert contiguous == [135, 109]  # the split it replaces is far less even
+    assert sorted(torch.cat(parts).tolist()) == list(range(8))
+    assert [len(p) for p in balanced_parts(torch.tensor([5, 5, 5]), 4)] == [1, 1, 1, 0]
