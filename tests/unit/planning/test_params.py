@@ -39,11 +39,17 @@ def _model(name: str):
 #   total = 32*218112000 + 2*525336576 + 4096 = 8030261248
 # Qwen2.5-72B reward model: the trunk + a score head [1, h] instead of the lm_head:
 #   72706203648 - 1245708288 + 8192 = 71460503552
+# Qwen2.5-7B: h 3584, f 18944, n 28, g 4, d 128, V 152064, L 28, biases 3584 + 2*512:
+#   layer = 12845056 + 3670016 + 12845056 + 203685888 + 7168 + 4608 = 233057792
+#   total = 28*233057792 + 2*544997376 + 3584 = 7615616512
+# Llama-3-8B reward model: 8030261248 - 525336576 + 4096 = 7504928768
 EXPECTED = {
     "llama3.3_70b_instruct": 70_553_706_496,
     "qwen2.5_72b": 72_706_203_648,
     "llama3_8b": 8_030_261_248,
     "qwen2.5_72b_rm": 71_460_503_552,
+    "qwen2.5_7b_instruct": 7_615_616_512,
+    "llama3_8b_rm": 7_504_928_768,
 }
 
 
@@ -71,9 +77,9 @@ def test_rank_counts_at_tp8_pp4_sum_back_to_the_total(name):
     # in the embedding (first rank) and in the lm_head (last rank); Qwen2.5's 152064 to 152576.
     if name.startswith("llama"):
         h = spec.hidden_size
-        assert ranks[0].padding == ranks[-1].padding == 768 * h
+        assert ranks[0].padding == 768 * h and ranks[-1].padding == (0 if name.endswith("_rm") else 768 * h)
         assert ranks[0].elements - ranks[1].elements == 129024 * h // 8  # the embedding shard
-    if name == "qwen2.5_72b_rm":
+    if name.endswith("_rm"):
         assert ranks[-1].padding == 0 and ranks[-1].has_output  # a score head, no vocabulary
 
 
