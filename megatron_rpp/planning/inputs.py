@@ -90,7 +90,8 @@ class BatchShape:
     """Sequences per iteration: rollout_batch_size x n_samples_per_prompt."""
     num_epochs: int = 1
     max_tokens_per_micro_batch: int = 0
-    """0 = off; else micro-batches are cut to at most this many tokens."""
+    """0 = off; else micro-batches hold rows x longest row <= this many tokens (a longer row
+    alone) and ``micro_batch_size`` is not used (``data.rollout_batch.micro_batch_indices``)."""
 
     @property
     def seq_len(self) -> int:
@@ -98,9 +99,9 @@ class BatchShape:
 
     @property
     def micro_batch_rows(self) -> int:
-        """Sequences in one micro-batch."""
+        """Sequences in one micro-batch of full-length rows (the worst case)."""
         if self.max_tokens_per_micro_batch:
-            return max(1, min(self.micro_batch_size, self.max_tokens_per_micro_batch // self.seq_len))
+            return max(1, self.max_tokens_per_micro_batch // self.seq_len)
         return self.micro_batch_size
 
 
@@ -200,7 +201,7 @@ def plan_input_from_config(cfg, *, device: str, capacity_bytes: int, gpus_per_no
         prompt_len=m.max_prompt_length, response_len=m.max_response_length, micro_batch_size=t.micro_batch_size,
         train_batch_size=t.train_batch_size, rollout_sequences=r.rollout_batch_size * r.n_samples_per_prompt,
         num_epochs=t.num_epochs,
-        max_tokens_per_micro_batch=int(getattr(t, "max_tokens_per_micro_batch", 0) or 0),  # TODO(merge): later issue
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
     )
     engine = EngineSettings(gpu_memory_utilization=r.gpu_memory_utilization,
                             cpu_kv_cache_bytes=cpu_kv_cache_gib(r.kv_cache_gib) * GiB,

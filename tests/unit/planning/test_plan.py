@@ -133,3 +133,13 @@ def test_planner_imports_nothing_heavy():
             "print(sorted(m for m in ('megatron', 'vllm', 'ray', 'transformers', 'triton') if m in sys.modules), d.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == ["[]", "False"]
+
+
+def test_token_budget_micro_batches():
+    # trainer.max_tokens_per_micro_batch: rows x longest row <= the budget, micro_batch_size unused;
+    # the worst case is full-length rows (1024 + 1024 tokens): 8192 // 2048 = 4 per micro-batch
+    plan = make_plan(_input(_cfg("trainer.max_tokens_per_micro_batch=8192", "trainer.micro_batch_size=1")))
+    assert plan.shape["micro_batch_sequences"] == 4 and plan.shape["micro_batch_tokens"] == 8192
+    assert plan.shape["micro_batches_per_optimizer_step"] == 128 // 2 // 4
+    one = make_plan(_input(_cfg()))
+    assert plan.phases["train"][3].terms["activations"] > 3 * one.phases["train"][3].terms["activations"]
