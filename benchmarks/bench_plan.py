@@ -18,7 +18,8 @@ shape is read from the batch ``phases.generate`` returns), with the engine TP th
 builds. Phases: generate; score = the old- and reference-log-prob forwards (their max);
 train; weight_sync.
 
-    python benchmarks/bench_plan.py [--workloads smollm2:tp1,tiny:pp2,...] [--out PATH]
+    python benchmarks/bench_plan.py [--workloads smollm2:tp1,tiny:pp2,...] [--out PATH] [--append]
+    python benchmarks/bench_plan.py --replan      # re-predict the stored measurements (planner changes)
 
 Writes benchmarks/results/plan.json. Needs ~6 GiB free (SmolLM2 at TP=2: two ranks of ~2.8 GiB).
 """
@@ -173,29 +174,36 @@ def run_workload(model: str, layout: str, workdir: Path) -> dict:
     finally:
         ctx.close()
         phases.generate = generate
-    plan = predict(cfg, shapes[-1])
     rows = []
     for info, base, in zip(infos, baselines):
-        r, pp_rank = info["rank"], info["pp_rank"]
+        r = info["rank"]
         for phase in ("generate", "score", "train", "weight_sync"):
             loop_phases = [k for k, v in PHASE_OF.items() if v == phase and k in timer.peak]
             if not loop_phases:
                 continue
-            measured = max(timer.peak[k][r]["VmHWM"] for k in loop_phases) - base["VmHWM"]
-            resident = max(timer.start[k][r]["VmRSS"] for k in loop_phases) - base["VmHWM"]
-            pm = plan.phases[phase][pp_rank]
-            predicted = pm.total - pm.terms["runtime"]
-            transient_terms = ("activations", "logprob_workspace", "weight_sync_buffer")
             rows.append({
-                "workload": f"{model}:{layout}", "rank": r, "pp_rank": pp_rank, "phase": phase,
-                "predicted_bytes": predicted, "measured_bytes": measured,
-                "error": predicted / measured - 1,
-                "measured_resident_bytes": resident,
-                "predicted_transient_bytes": sum(pm.terms[t] for t in transient_terms),
-                "terms": dict(pm.terms),
+                "workload": f"{model}:{layout}", "rank": r, "pp_rank": info["pp_rank"], "phase": phase,
+                "measured_bytes": max(timer.peak[k][r]["VmHWM"] for k in loop_phases) - base["VmHWM"],
+                "measured_resident_bytes": max(timer.start[k][r]["VmRSS"] for k in loop_phases) - base["VmHWM"],
             })
-    return {"workload": f"{model}:{layout}", "shape": shapes[-1], "seconds": time.perf_counter() - t0,
-            "baselines": [{"rank": i["rank"], **b} for i, b in zip(infos, baselines)], "rows": rows}
+    res = {"workload": f"{model}:{layout}", "shape": shapes[-1], "seconds": time.perf_counter() - t0,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "baselines": [{"rank": i["rank"], **b} for i, b in zip(infos, baselines)], "rows": rows}
+    return add_predictions(res, workdir)
+
+
+def add_predictions(res: dict, workdir: Path) -> dict:
+    """Fill in the plan's prediction of every measured row (the current planner; pure, no workers)."""
+    model, layout = res["workload"].split(":")
+    plan = predict(workload_config(model, layout, workdir), res["shape"])
+    transient_terms = ("activations", "logprob_workspace", "weight_sync_buffer")
+    for row in res["rows"]:
+        pm = plan.phases[row["phase"]][row["pp_rank"]]
+        row["predicted_bytes"] = pm.total - pm.terms["runtime"]
+        row["error"] = row["predicted_bytes"] / row["measured_bytes"] - 1
+        row["predicted_transient_bytes"] = sum(pm.terms[t] for t in transient_terms)
+        row["terms"] = dict(pm.terms)
+    return res
 
 
 def main() -> int:
@@ -206,13 +214,20 @@ def main() -> int:
     ap.add_argument("--append", action="store_true",
                     help="keep the other workloads already in --out (re-measure only these: a shared machine's "
                          "OOM killer may stop a long run)")
+    ap.add_argument("--replan", action="store_true",
+                    help="no measurement: re-predict the measurements already in --out with the current planner")
     args = ap.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    if args.replan:
+        stored = json.loads(out.read_text())["workloads"]
+        runs = [(res["workload"], lambda res=res: add_predictions(res, workdir)) for res in stored]
+    else:
+        runs = [(spec, lambda spec=spec: run_workload(*spec.split(":"), workdir)) for spec in args.workloads.split(",")]
     results = []
-    for spec in args.workloads.split(","):
-        model, layout = spec.split(":")
-        res = run_workload(model, layout, workdir)
+    for _, run in runs:
+        res = run()
         results.append(res)
         print(f"\n{res['workload']}: step shape {res['shape']}; process baseline per rank "
               + ", ".join(f"{b['VmHWM'] / MiB:.0f} MiB" for b in res["baselines"]))
@@ -221,8 +236,7 @@ def main() -> int:
         for row in res["rows"]:
             print(f"  {row['rank']:>4} {row['pp_rank']:>3} {row['phase']:<12}{row['predicted_bytes'] / MiB:>14.0f}"
                   f"{row['measured_bytes'] / MiB:>14.0f}{row['error']:>+8.1%}{row['measured_resident_bytes'] / MiB:>14.0f}")
-    out = Path(args.out)
-    if args.append and out.is_file():
+    if args.append and not args.replan and out.is_file():
         names = {res["workload"] for res in results}
         results = [res for res in json.loads(out.read_text())["workloads"] if res["workload"] not in names] + results
     errors = [abs(r["error"]) for res in results for r in res["rows"]]
