@@ -49,3 +49,11 @@ def sampling_config(cfg: Config, *, n: int, temperature: float) -> SamplingConfi
     return SamplingConfig(temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
                           top_k=r.top_k if temperature > 0 else -1, max_tokens=cfg.model.max_response_length,
                           n=n, seed=None)
+
+
+# ----------------------------------------------------------------------------- rollout engine layout (issue 14)
+
+
+def engine_tensor_parallel_size(cfg: Config) -> int:
+    """The rollout engine's TP size k (``rollout.tensor_parallel_size``; 0 = ``model.tensor_parallel_size``)."""
+    return cfg.rollout.tensor_parallel_size or cfg.model.tensor_parallel_size
