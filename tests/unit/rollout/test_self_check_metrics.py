@@ -70,7 +70,8 @@ def test_sampling_config_and_protocol():
     class Fake:
         def generate(self, prompt_token_ids, sampling): return []
         def update_weights(self, named_tensors): pass
-        def sleep(self): pass
+        def load_shards(self, named_shards): return {}
+        def sleep(self, level=1): pass
         def wake_up(self, tags=None): pass
         def shutdown(self): pass
 
