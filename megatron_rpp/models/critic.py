@@ -29,6 +29,7 @@ Letters: B sequences, S positions, T response tokens, H hidden size.
 """
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -97,7 +98,23 @@ def build_critic(policy_hf_dir: str | Path, groups: ParallelGroups, *, model_dir
     if not model_dir and groups.is_last_stage:
         with torch.no_grad():
             model.output_layer.score.weight.zero_()  # replicated over TP: zero on every rank
+    model.sharded_state_dict = types.MethodType(_sharded_state_dict, model)  # checkpointable (see there)
     return model.train(), spec
+
+
+def _sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+    """The critic's Megatron sharded state dict (for its ``dist_checkpointing`` checkpoint).
+
+    Megatron's ``LanguageModule.sharded_state_dict`` marks the vocabulary head's
+    ``output_layer.weight`` (padding) and fails without one; the value head has none: its
+    ``output_layer.score.weight`` [1, H] is saved like any replicated parameter (one copy per TP
+    group). The critic is untied and has no MTP, so GPTModel's other additions do not apply:
+    Megatron's module-level default is the whole state.
+    """
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, ensure_metadata_has_dp_cp_group(metadata))
 
 
 def value_head(output: Tensor, mb: RolloutBatch, input_ids: Tensor, resp_index: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ class Worker:
         t0 = time.perf_counter()
         metrics = value_update(self.critic_ddp, self.critic_optimizer, self.groups, batch, counts,
                                self.cfg.critic.clip_value, settings)
-        return {**{f"critic/{k}": v for k, v in metrics.items()}, "critic/train_seconds": time.perf_counter() - t0}
+        return {**{f"critic/{k}": v for k, v in metrics.items()}, "timing/critic_train": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ plumbing
     def _build_engine(self):
