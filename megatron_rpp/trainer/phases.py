@@ -196,15 +196,16 @@ def reward_model_scores(group, layout: Layout, batch: RolloutBatch) -> torch.Ten
 
 
 def sequence_rewards(group, layout: Layout, cfg: Config, scorer, tokenizer, batch: RolloutBatch,
-                     prompts: list[Prompt]) -> torch.Tensor:
-    """One reward per sequence [B] fp32: the reward model's score when ``reward.model_dir`` is
-    set, else ``scorer`` on the decoded response text (``prompts[group_index[b]]`` is b's prompt)."""
+                     prompts: list[Prompt], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One reward per sequence [B] in ``dtype``: the reward model's score when ``reward.model_dir``
+    is set, else ``scorer`` on the decoded response text (``prompts[group_index[b]]`` is b's
+    prompt). Training uses fp32; the evaluation mean is taken in fp64 so that it is the scorer's."""
     if cfg.reward.model_dir:
-        return reward_model_scores(group, layout, batch)
+        return reward_model_scores(group, layout, batch).to(dtype)
     texts = [tokenizer.decode(batch.response_list(b), skip_special_tokens=True) for b in range(len(batch))]
     owners = [prompts[i] for i in batch.group_index.tolist()]
     rewards = scorer([p.text for p in owners], texts, [p.sample for p in owners])
-    return torch.tensor(rewards, dtype=torch.float32)
+    return torch.tensor(rewards, dtype=dtype)
 
 
 def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layout: Layout) -> dict:
@@ -213,7 +214,7 @@ def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layou
         return {}
     sampling = sampling_config(cfg, n=1, temperature=cfg.rollout.eval_temperature)
     batch = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
-    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts)
+    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts, torch.float64)
     return {"eval/reward_mean": float(rewards.mean()),
             "eval/response_length_mean": float(batch.response_lengths.float().mean())}
 
