@@ -208,7 +208,7 @@ def build_bt_reward_model(out: Path, pairs: int, seed: int = 0) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     model.eval()
     with torch.no_grad():
         s = torch.cat([scores([c for c, _, _ in held_out[k: k + 64]] + [r for _, r, _ in held_out[k: k + 64]])
