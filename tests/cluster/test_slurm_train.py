@@ -172,12 +172,17 @@ def test_slurm_node_failure(slurm, config, dp2_run):
 def test_slurm_ray_bringup_failure(slurm, config):
     """n2's Ray cannot start (its node-local /tmp/ray is a file): the job fails fast, naming n2."""
     blocker = slurm.base / "nodes" / "n2" / "tmp" / "ray"  # n2's /tmp/ray, seen from outside the node
+    aside = blocker.with_name("ray.aside")  # the earlier jobs' Ray sessions (idle node: nothing uses them)
+    if blocker.exists():
+        blocker.rename(aside)
     blocker.write_text("not a directory\n")
     try:
         jid = _submit(slurm, config, "bringup", env={"RPP_RAY_JOIN_TIMEOUT": "600"})
         out = _finish(slurm, jid, want="FAILED")
     finally:
         blocker.unlink()
+        if aside.exists():
+            aside.rename(blocker)
     assert "error: Ray on node n2 exited" in out and "node n2 never joined" in out, out[-6000:]
     assert "controller exited" not in out  # the controller never started
     assert slurm.job(jid)["ExitCode"] != "0:0"
