@@ -20,7 +20,7 @@
 : "${RPP_RAY:=ray}"                       # the ray CLI
 : "${RPP_RAY_PORT:=6379}"                 # the head's GCS port
 : "${RPP_RAY_JOIN_TIMEOUT:=300}"          # s for the head to listen and every node to join
-: "${RPP_RAY_STOP_TIMEOUT:=30}"           # s for `ray start --block` to stop after SIGTERM
+: "${RPP_RAY_STOP_TIMEOUT:=30}"           # s for a `ray start` step to end after SIGTERM
 : "${RPP_NODE_LOSS_GRACE:=90}"            # s the controller gets to stop after a Ray node died
 : "${RPP_CONTROLLER_STOP_TIMEOUT:=30}"    # s the controller gets to stop after SIGTERM
 : "${RPP_RAY_HEAD_ARGS:=--include-dashboard=false}"   # extra `ray start` args on the head
@@ -73,7 +73,8 @@ rpp_ray_up() {
   mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   head=${SLURMD_NODENAME:-${nodes[0]}}     # the batch host: the controller runs here too
   mkdir -p "$RPP_LOG_DIR"
-  peer=$head; for node in "${nodes[@]}"; do [ "$node" != "$head" ] && { peer=$node; break; }; done
+  peer=$head
+  for node in "${nodes[@]}"; do if [ "$node" != "$head" ]; then peer=$node; break; fi; done
   if [ -z "${RPP_HEAD_IP:-}" ]; then
     RPP_HEAD_IP=$("$RPP_PYTHON" -m megatron_rpp.parallel.network ip-toward "$peer") || {
       rpp_log "error: cannot find this node's address toward $peer (set RPP_HEAD_IP)"; return 1; }

@@ -122,10 +122,11 @@ class Cluster:
         """Requeue a finished or running job (as Slurm does on preemption/node failure with
         --requeue) and let it start at once (Slurm delays a requeued job's start otherwise)."""
         self.run("scontrol", "requeue", jid)
-        for _ in range(40):
-            if self.job(jid).get("JobState") == "PENDING":
-                break
-            time.sleep(0.25)
+        self.release(jid)
+
+    def release(self, jid: str, timeout: float = 120) -> None:
+        """A requeued job waits ~2 min before Slurm starts it again: start it now."""
+        self.wait(jid, timeout=timeout, until=("PENDING",))
         self.run("scontrol", "update", f"jobid={jid}", "StartTime=now")
 
     # ------------------------------------------------------------------ inside the nodes

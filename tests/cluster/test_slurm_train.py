@@ -10,8 +10,9 @@ The tiny model and the runs live on the shared file system (``/tmp`` is per node
   nodes (addresses, network namespaces), no process left on either node.
 - Node failure: n2's Ray and workers are SIGKILLed right after the step-1 checkpoint; the job
   FAILS within 60 s, naming n2 and its ranks; ``scontrol requeue`` (what Slurm does on node
-  failure or preemption with --requeue) continues it with ``trainer.resume=auto`` to the
-  uninterrupted run's metrics (same tolerance as tests/e2e/test_resume.py).
+  failure or preemption with --requeue) continues it with ``trainer.resume=auto``; SIGUSR1
+  (the time-limit warning) makes the script stop, tear Ray down and requeue itself; the last
+  attempt ends with the uninterrupted run's metrics (same tolerance as tests/e2e/test_resume.py).
 - Bring-up failure: n2's Ray cannot start; the job fails at once naming n2.
 """
 from __future__ import annotations
@@ -32,19 +33,20 @@ ROOT = Path(__file__).parents[2]
 SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
 CPU_JOB = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15")
 JOB_TIMEOUT_S = 900
+STEPS = 4  # of the DP=2 runs: a checkpoint after each, so an interruption always leaves steps to redo
 NODE_ADDRESSES = {"n1": "198.18.0.11", "n2": "198.18.0.12"}
 NOT_COMPARED = ("timing/", "throughput/")
 PLACEMENT = re.compile(r"\[megatron-rpp\] node (\S+) \(([\d.]+)\): ranks ([\d,-]+); ranks report host (\S+) (\S+) "
                        r"([\d.?]+) (\S+)")
 
 CONFIG = """\
-# CPU config of the Slurm tests: tiny Llama, 3 steps, a checkpoint after every step
+# CPU config of the Slurm tests: tiny Llama, 4 steps, a checkpoint after every step
 model: {{hf_dir: {hf}, max_prompt_length: 96, max_response_length: 16}}
 data: {{task: basic_arithmetic, num_train_prompts: 64, num_eval_prompts: 4}}
 reward: {{function: "{root}/examples/reward_fns/short_answer.py:response_length", num_workers: 0, normalize: true}}
 algorithm: {{kl_coef: 0.01}}
 rollout: {{rollout_batch_size: 4, n_samples_per_prompt: 2, check_sync_interval: 1}}
-trainer: {{num_workers: 2, train_batch_size: 4, micro_batch_size: 2, lr: 1.0e-3, steps: 3, save_interval: 1,
+trainer: {{num_workers: 2, train_batch_size: 4, micro_batch_size: 2, lr: 1.0e-3, steps: {steps}, save_interval: 1,
           keep_checkpoints: 2, resume: auto, export_hf: false, progress: false}}
 """
 
@@ -53,7 +55,7 @@ trainer: {{num_workers: 2, train_batch_size: 4, micro_batch_size: 2, lr: 1.0e-3,
 def config(slurm) -> Path:
     hf = make_tiny_hf_dir(slurm.shared / "tiny_llama_hf")
     path = slurm.shared / "tiny_cpu.yaml"
-    path.write_text(CONFIG.format(hf=hf, root=ROOT))
+    path.write_text(CONFIG.format(hf=hf, root=ROOT, steps=STEPS))
     return path
 
 
@@ -102,9 +104,28 @@ def _check_two_nodes(out: str, blocks: list[str]) -> None:
     assert re.search(r"rendezvous 198\.18\.0\.1[12]:\d+", out), out[-6000:]
 
 
+def _wait_checkpoint(slurm, jid: str, out_dir: Path, step: int) -> None:
+    latest, deadline = out_dir / "checkpoints" / "latest", time.monotonic() + JOB_TIMEOUT_S
+    while not (latest.is_file() and latest.read_text().strip() == f"step_{step:08d}"):
+        assert slurm.job(jid)["JobState"] in ("PENDING", "RUNNING"), slurm.output(jid)[-6000:]
+        assert time.monotonic() < deadline, f"no step-{step} checkpoint:\n" + slurm.output(jid)[-6000:]
+        time.sleep(0.1)
+
+
+def _same_metrics(want: dict[int, dict], got: dict[int, dict]) -> None:
+    """Every row (those kept from before an interruption and those recomputed after a resume)
+    equals the uninterrupted run's: all but timings, the tolerance of tests/e2e/test_resume.py."""
+    assert sorted(got) == sorted(want)
+    for step in sorted(want):
+        keys = {k for k in want[step] if not k.startswith(NOT_COMPARED)}
+        assert keys == {k for k in got[step] if not k.startswith(NOT_COMPARED)}, step
+        for k in sorted(keys):
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-9, abs=1e-12), (step, k)
+
+
 @pytest.fixture(scope="module")
 def dp2_run(slurm, config):
-    """The uninterrupted reference: DP=2, one rank per node, 3 steps."""
+    """The uninterrupted reference: DP=2, one rank per node, STEPS steps."""
     jid = _submit(slurm, config, "dp2")
     out = _finish(slurm, jid)
     return jid, out, slurm.shared / "dp2"
@@ -112,7 +133,7 @@ def dp2_run(slurm, config):
 
 def test_slurm_train_dp2_across_nodes(slurm, dp2_run):
     jid, out, out_dir = dp2_run
-    _check_trained(out_dir, steps=3)
+    _check_trained(out_dir, steps=STEPS)
     _check_two_nodes(out, blocks=["0", "1"])
     assert "[ray_cluster] all 2 nodes joined: n1 (198.18.0.11), n2 (198.18.0.12)" in out
     assert "controller exited with 0" in out
@@ -130,15 +151,20 @@ def test_slurm_train_tp2_within_node(slurm, config):
 
 
 def test_slurm_node_failure(slurm, config, dp2_run):
-    """Kill n2's Ray mid-run -> the job fails within 60 s naming n2; requeue -> resumes."""
+    """One job, three attempts (``trainer.resume=auto`` throughout):
+
+    0. n2's Ray and workers SIGKILLed right after the step-1 checkpoint: the job FAILS within
+       60 s, naming n2 and its ranks, and leaves no process behind;
+    1. ``scontrol requeue`` (what Slurm does on node failure / preemption with --requeue):
+       resumes from step 1; SIGUSR1 to the batch script after its step-2 checkpoint (what
+       ``--signal=B:USR1@300`` sends before the time limit): the script stops the run, tears
+       Ray down and requeues the job itself;
+    2. resumes from step 2 and finishes with the uninterrupted run's metrics.
+    """
     name = "node_failure"
     out_dir = slurm.shared / name
     jid = _submit(slurm, config, name)
-    latest, deadline = out_dir / "checkpoints" / "latest", time.monotonic() + JOB_TIMEOUT_S
-    while not (latest.is_file() and latest.read_text().strip() == "step_00000001"):
-        assert slurm.job(jid)["JobState"] in ("PENDING", "RUNNING"), slurm.output(jid)[-6000:]
-        assert time.monotonic() < deadline, "no step-1 checkpoint:\n" + slurm.output(jid)[-6000:]
-        time.sleep(0.1)
+    _wait_checkpoint(slurm, jid, out_dir, 1)
     killed = slurm.kill_node_processes(2)
     t_kill = time.monotonic()
     assert any("raylet" in cmd for _, cmd in killed), killed
@@ -148,25 +174,28 @@ def test_slurm_node_failure(slurm, config, dp2_run):
     print(f"n2 killed ({len(killed)} processes) -> job {info['JobState']} after {failed_after:.1f} s")
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, out[-8000:])
     assert failed_after <= 60, f"the job took {failed_after:.0f} s to fail\n{out[-6000:]}"
-    assert max(_rows(out_dir)) < 3, "the run finished before the kill"
+    assert max(_rows(out_dir)) < STEPS, "the run finished before the kill"
     error = next((line for line in out.splitlines() if line.startswith("megatron-rpp: WorkerError")), "")
     ranks_n2 = next(line[2] for line in _placement(out) if line[0] == "n2")
     assert "n2 (198.18.0.12)" in error and f"ranks {ranks_n2}" in error, out[-8000:]
     slurm.wait_nodes_clean()
 
-    slurm.requeue(jid)  # same command line: trainer.resume=auto continues from the newest checkpoint
+    slurm.requeue(jid)  # the same command line again: trainer.resume=auto continues
+    _wait_checkpoint(slurm, jid, out_dir, 2)
+    slurm.run("scancel", "--signal=USR1", "--batch", jid)
+    slurm.release(jid)  # requeued by the script itself
     out = _finish(slurm, jid)
-    assert slurm.job(jid)["Restarts"] == "1"
-    assert "resumed from" in out and "step_00000001" in out, out[-6000:]
-    _check_two_nodes(out.split("restart 1 on")[-1], blocks=["0", "1"])
+    assert slurm.job(jid)["Restarts"] == "2"
+    attempts = re.split(r"\[train\.sbatch\] job \d+ restart (?=\d on)", out)[1:]
+    assert [a[0] for a in attempts] == ["0", "1", "2"], out[-6000:]
+    for n, attempt in enumerate(attempts[1:], 1):
+        assert re.search(rf"resumed from \S+/step_0000000{n} \(step {n}\)", attempt), attempt[-6000:]
+        _check_two_nodes(attempt, blocks=["0", "1"])
+    assert "got SIGUSR1: stopping the controller and Ray" in attempts[1], attempts[1][-6000:]
+    assert f"requeueing job {jid}" in attempts[1] and "controller exited" not in attempts[1]
+    assert "controller exited with 0" in attempts[2]
     slurm.wait_nodes_clean()
-
-    want, got = _rows(dp2_run[2]), _check_trained(out_dir, steps=3)
-    for step in range(4):  # rows 0-1 kept from before the failure, 2-3 recomputed after the resume
-        keys = {k for k in want[step] if not k.startswith(NOT_COMPARED)}
-        assert keys == {k for k in got[step] if not k.startswith(NOT_COMPARED)}, step
-        for k in sorted(keys):
-            assert got[step][k] == pytest.approx(want[step][k], rel=1e-9, abs=1e-12), (step, k)
+    _same_metrics(_rows(dp2_run[2]), _check_trained(out_dir, steps=STEPS))
 
 
 def test_slurm_ray_bringup_failure(slurm, config):
