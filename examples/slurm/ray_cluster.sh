@@ -26,6 +26,12 @@
 : "${RPP_RAY_HEAD_ARGS:=--include-dashboard=false}"   # extra `ray start` args on the head
 : "${RPP_RAY_NODE_ARGS:=}"                # extra `ray start` args on every node
 : "${RPP_LOG_DIR:=${SLURM_SUBMIT_DIR:-$PWD}/logs/slurm-${SLURM_JOB_ID:-0}}"  # per-node Ray logs
+# How fast Ray declares a silent node dead (no TCP reset: a node or link that vanished): every
+# period one health check with this timeout, dead after this many failures in a row. Ray's
+# defaults (3 s, 10 s, 5) take ~65 s; these ~40 s, so that the controller stops within a minute.
+export RAY_health_check_period_ms=${RAY_health_check_period_ms:-3000}
+export RAY_health_check_timeout_ms=${RAY_health_check_timeout_ms:-5000}
+export RAY_health_check_failure_threshold=${RAY_health_check_failure_threshold:-5}
 # RPP_HEAD_IP: the head's address (default: this node's source address toward the 2nd node,
 # i.e. the interface the other nodes reach it on).
 

@@ -176,6 +176,11 @@ class Cluster:
                 pass
         return victims
 
+    def link(self, i: int, up: bool) -> None:
+        """Bring node ``i``'s only link up or down (down: the node vanishes from the network
+        without a TCP reset, as on a dead switch port or a powered-off node)."""
+        subprocess.run(["ip", "link", "set", f"rpp_h{i}", "up" if up else "down"], check=True)
+
     def dump(self) -> str:
         parts = []
         for f in sorted((self.base / "log").glob("*.log")) + sorted(self.jobs.glob("**/*.log"))[-8:]:

@@ -70,7 +70,7 @@ SelectTypeParameters=CR_CPU
 SchedulerParameters=batch_sched_delay=0
 MpiDefault=none
 ReturnToService=2
-SlurmdTimeout=30
+SlurmdTimeout=120
 InactiveLimit=0
 KillWait=10
 Waittime=0
