@@ -58,11 +58,9 @@ class RayWorkerGroup:
         ``worker_cls(rank, world_size, master_port, cfg, hf_dir)`` in each actor.
         ``poll_s``: how often a waiting call checks for failures and lost nodes."""
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from megatron_rpp.parallel.network import free_port_on
-        from megatron_rpp.trainer.cluster import PlacementError, node_group_size, plan_blocks, ranks_by_block, ray_nodes
+        from megatron_rpp.trainer.cluster import node_group_size
         from megatron_rpp.trainer.worker import Worker
 
         if not ray.is_initialized():
@@ -76,34 +74,9 @@ class RayWorkerGroup:
         self.workers: list = []
         self.pg = None
         on_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        here = ray.get_runtime_context().get_node_id()
-        nodes = sorted((n for n in ray_nodes() if n.alive), key=lambda n: (n.node_id != here, n.address))
-        try:  # blocks of whole node groups, one per node
-            blocks = plan_blocks([int(n.gpus) for n in nodes] if on_gpu else [None] * len(nodes), num_workers,
-                                 node_group_size(cfg))
-        except PlacementError as e:
-            raise WorkerError(f"cannot place trainer.num_workers={num_workers} on the Ray cluster "
-                              f"({', '.join(f'{n}: {n.gpus:g} GPUs' for n in nodes)}): {e}") from None
-        bundles = [{"GPU": b, "CPU": 0.001 * b} if on_gpu else {"CPU": 0.001 * b} for b in blocks]
-        self.pg = placement_group(bundles, strategy="STRICT_SPREAD")
-        try:
-            ray.get(self.pg.ready(), timeout=ready_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise WorkerError(f"the Ray cluster could not place {blocks} workers per node (one node each) within "
-                              f"{ready_timeout_s:.0f} s; alive nodes: {', '.join(map(str, nodes))}") from None
-        by_id = {n.node_id: n for n in ray_nodes()}
-        bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
-        self.bundle_of = [b for b, ranks in enumerate(ranks_by_block(blocks)) for _ in ranks]
-        self.rank_nodes = [by_id[bundle_nodes[b]] for b in self.bundle_of]  # rank -> Node
+        self._place(num_workers, node_group_size(cfg), on_gpu, ready_timeout_s)
         master = self.rank_nodes[0]
-        try:  # a port free on rank 0's node, asked there
-            port = ray.get(ray.remote(num_cpus=0)(free_port_on).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(master.node_id, soft=False)).remote(master.address),
-                timeout=ready_timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
-            ray.util.remove_placement_group(self.pg)
-            raise WorkerError(f"no Ray task ran on rank 0's node {master} within {ready_timeout_s:.0f} s "
-                              f"(can Ray workers start there? see its Ray logs): {type(e).__name__}: {e}") from None
+        port = self._free_port_on(master, ready_timeout_s)
         env = {**_forwarded_env(), "MASTER_ADDR": master.address}
         actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(worker_cls or Worker)
         self.workers = [
@@ -122,6 +95,50 @@ class RayWorkerGroup:
             raise
         for line in placement_lines(self.rank_nodes, self.reports):
             print(f"[megatron-rpp] {line}", flush=True)
+
+    def _place(self, num_workers: int, group: int, on_gpu: bool, timeout_s: float) -> None:
+        """Reserve one placement-group bundle per node block (``STRICT_SPREAD``: each on
+        another node); sets ``pg``, ``bundle_of`` (rank -> bundle) and ``rank_nodes``."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        from megatron_rpp.trainer.cluster import PlacementError, plan_blocks, ranks_by_block, ray_nodes
+
+        here = ray.get_runtime_context().get_node_id()  # GPU nodes fill from the controller's node on
+        nodes = sorted((n for n in ray_nodes() if n.alive), key=lambda n: (n.node_id != here, n.address))
+        try:
+            blocks = plan_blocks([int(n.gpus) for n in nodes] if on_gpu else [None] * len(nodes), num_workers, group)
+        except PlacementError as e:
+            raise WorkerError(f"cannot place trainer.num_workers={num_workers} on the Ray cluster "
+                              f"({', '.join(f'{n}: {n.gpus:g} GPUs' for n in nodes)}): {e}") from None
+        self.pg = placement_group([{"GPU": b, "CPU": 0.001 * b} if on_gpu else {"CPU": 0.001 * b} for b in blocks],
+                                  strategy="STRICT_SPREAD")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise WorkerError(f"the Ray cluster could not place {blocks} workers per node (one node each) within "
+                              f"{timeout_s:.0f} s; alive nodes: {', '.join(map(str, nodes))}") from None
+        by_id = {n.node_id: n for n in ray_nodes()}
+        bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        self.bundle_of = [b for b, ranks in enumerate(ranks_by_block(blocks)) for _ in ranks]
+        self.rank_nodes = [by_id[bundle_nodes[b]] for b in self.bundle_of]  # rank -> Node
+
+    def _free_port_on(self, node, timeout_s: float) -> int:
+        """A TCP port free on ``node`` (rank 0's: the rendezvous), asked by a task there."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from megatron_rpp.parallel.network import free_port_on
+
+        task = ray.remote(num_cpus=0)(free_port_on).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False))
+        try:
+            return ray.get(task.remote(node.address), timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+            self.shutdown()
+            raise WorkerError(f"no Ray task ran on rank 0's node {node} within {timeout_s:.0f} s "
+                              f"(can Ray workers start there? see its Ray logs): {type(e).__name__}: {e}") from None
 
     def call(self, method: str, per_rank_args: Sequence[tuple] | None = None, **kwargs: Any) -> list[Any]:
         """Run ``method`` on every worker (rank r gets ``per_rank_args[r]``); fail fast on any error."""

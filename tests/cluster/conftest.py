@@ -125,8 +125,12 @@ class Cluster:
         self.release(jid)
 
     def release(self, jid: str, timeout: float = 120) -> None:
-        """A requeued job waits ~2 min before Slurm starts it again: start it now."""
+        """A requeued job waits ~2 min before Slurm starts it again: start it as soon as its
+        previous run has ended on every node and its revoked credential is older than a second
+        (a start within the same second fails: "Job credential revoked")."""
         self.wait(jid, timeout=timeout, until=("PENDING",))
+        self.wait_nodes_clean()
+        time.sleep(2)
         self.run("scontrol", "update", f"jobid={jid}", "StartTime=now")
 
     # ------------------------------------------------------------------ inside the nodes
