@@ -248,10 +248,17 @@ def describe_failure(what: str, errors: dict[int, BaseException], lost: list, ra
     lines = [f"worker failed in {what}: {'; '.join(head) or 'unknown cause'}"]
     for r in (dead + raised)[:4]:
         kind = "died" if r in dead else "raised"
-        lines.append(f"  rank {r} on {rank_nodes[r]} {kind}: {str(errors[r]).strip()[-3000:]}")
+        lines.append(f"  rank {r} on {rank_nodes[r]} {kind}: {_clip(str(errors[r]).strip(), 3000)}")
     if len(dead) + len(raised) > 4:
         lines.append(f"  ... and {len(dead) + len(raised) - 4} more ranks failed")
     return "\n".join(lines)
+
+
+def _clip(text: str, limit: int) -> str:
+    """The head (what happened) and the tail (a traceback's exception) of a long message."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]} [... {len(text) - limit} characters ...] {text[-limit // 2:]}"
 
 
 def _rank_report(worker: Any) -> dict:

@@ -54,7 +54,10 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
         env.update(SLURM_CONF=str(base / "slurm.conf"), PYTHONPATH=os.pathsep.join(
             p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-            PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+            PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+            # Ray's OOM killer reads the memory of the whole machine, which the test bed's nodes share
+            # with every other process on it: it must not kill a tiny job for what others use.
+            RAY_memory_monitor_refresh_ms="0")
         self.env = env
         self.submitted: list[str] = []
 
@@ -223,6 +226,7 @@ def slurm():
         (BASE / "shared").mkdir()
         yield Cluster(BASE)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the teardown short
         down = subprocess.run(["bash", str(TESTBED), "down"], env=env, capture_output=True, text=True, timeout=180)
         signal.signal(signal.SIGTERM, previous)
         if not os.environ.get("RPP_KEEP_TESTBED"):

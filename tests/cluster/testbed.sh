@@ -125,7 +125,7 @@ node_init_pid() {
 down() {
   set +e
   local pids="" targets="" p c
-  ours() { tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF "$B/"; }   # never signal a reused pid
+  ours() { tr '\0' ' ' 2>/dev/null < "/proc/$1/cmdline" | grep -qF "$B/"; }   # never signal a reused pid
   for f in "$B"/slurmd.n*.outer.pid "$B/slurmctld.outer.pid"; do
     [ -f "$f" ] && ours "$(cat "$f")" && pids="$pids $(cat "$f")"
   done
