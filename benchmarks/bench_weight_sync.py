@@ -116,18 +116,17 @@ def project_70b(*, tp: int = 8, pp: int = 4, bucket_bytes: int = 1 << 30, nvlink
     group (engine TP=8). Uses the real bucket planner. Bandwidths (GB/s): NCCL all-gather
     bus bandwidth over NVLink, per-GPU InfiniBand (NDR 400 Gb/s), HBM copy.
     """
-    from megatron_rpp.checkpoint.format import full_shape, stage_of
     from megatron_rpp.models.architectures import architecture_for_config
     from megatron_rpp.rollout.weight_sync import ParamSlot, plan_buckets
 
     arch = architecture_for_config(LLAMA3_70B)
     spec = arch.model_spec(LLAMA3_70B)
+    table = arch.param_table(spec)
     slots = []
-    for name in arch.megatron_param_names(spec):
-        shape = full_shape(spec, name)
-        sharded = len(shape) == 2  # every matrix is TP-sharded; norms are replicated
-        shard = (shape[0] // tp, *shape[1:]) if sharded else shape
-        slots.append(ParamSlot(name, stage_of(spec, name, pp), shard, sharded, 0))
+    for e in table:
+        sharded = len(e.shape) == 2  # every matrix is TP-sharded; norms are replicated
+        shard = (e.shape[0] // tp, *e.shape[1:]) if sharded else e.shape
+        slots.append(ParamSlot(e.name, table.stage(e, pp), shard, sharded, 0))
     buckets = plan_buckets(slots, tp=tp, element_size=2, bucket_bytes=bucket_bytes)
     total = sum(b.nbytes for b in buckets)
     largest = max(b.nbytes for b in buckets)

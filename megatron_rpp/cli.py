@@ -1,6 +1,6 @@
 """``megatron-rpp``: the command-line entry point.
 
-    megatron-rpp train --config examples/configs/cpu_demo.yaml trainer.steps=20
+    megatron-rpp train --config examples/configs/cpu_demo.yaml trainer.steps=20 [--verbose]
     megatron-rpp materialize-smollm2 [--cache-dir DIR]
     megatron-rpp config-help
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 
 def _train_parser(sub) -> None:
@@ -21,6 +22,9 @@ def _train_parser(sub) -> None:
         epilog="config fields (override any with section.key=value):\n\n" + help_text(),
     )
     p.add_argument("--config", help="YAML config file (examples/configs/*.yaml)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show third-party warnings and logs (vLLM, Megatron, Ray, ...) on the console "
+                        "(or set MEGATRON_RPP_VERBOSE=1); by default they go only to <trainer.output_dir>/run.log")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
 
 
@@ -43,19 +47,44 @@ def main(argv: list[str] | None = None) -> int:
 
         print(materialize_smollm2(args.cache_dir))
         return 0
+    return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Load and check the config (exit 2 on a bad one), start the console, train (exit 1 on an error)."""
     from megatron_rpp.config import ConfigError, load_config
+    from megatron_rpp.utils import console
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"megatron-rpp: config error: {e}", file=sys.stderr)
+        console.say(f"megatron-rpp: config error: {e}", err=True)
         return 2
-    from megatron_rpp.trainer.loop import train
+    from megatron_rpp.trainer.setup import OutputDirError, check_output_dir
 
     try:
+        out = check_output_dir(cfg.trainer.output_dir)
+    except OutputDirError as e:
+        console.say(f"megatron-rpp: {console.describe(e)}", err=True)
+        return 1
+    verbose = console.verbose_requested(args.verbose)
+    console.setup(out / "run.log", verbose=verbose)
+    where = "" if verbose else f"; third-party logs go to {out / 'run.log'} (--verbose: here)"
+    console.say(f"{console.PREFIX} config {args.config or '(defaults)'} OK; output in {out}{where}")
+    try:
+        from megatron_rpp.trainer.loop import train
+
         train(cfg)
-    except _user_errors() as e:  # a clear one-line reason, no traceback
-        print(f"megatron-rpp: {type(e).__name__}: {e}", file=sys.stderr)
+    except _user_errors() as e:  # a clear one-line reason, no traceback (it is in run.log)
+        console.log_only(traceback.format_exc())
+        console.say(f"megatron-rpp: {console.describe(e)}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        console.say("megatron-rpp: interrupted", err=True)
+        return 130
+    except Exception:  # unexpected, e.g. from third-party code: the whole traceback, on the console too
+        console.say(f"megatron-rpp: unexpected error (full log: {out / 'run.log'}):\n{traceback.format_exc()}",
+                    err=True)
         return 1
     return 0
 

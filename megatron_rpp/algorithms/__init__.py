@@ -4,6 +4,7 @@ Global quantities (token counts, group ids, values) come in as arguments; nothin
 talks to torch.distributed, Megatron, Ray or vLLM. See docs/algorithms.md.
 """
 
+from megatron_rpp.algorithms._checks import HyperparameterError, check_range
 from megatron_rpp.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "AdvantageConfig",
     "AdvantageEstimator",
     "AdvantageOutput",
+    "HyperparameterError",
     "KLEstimator",
     "KL_ESTIMATORS",
     "LossOutput",
@@ -45,6 +47,7 @@ __all__ = [
     "UnknownNameError",
     "aggregate",
     "center",
+    "check_range",
     "compute_advantages",
     "discounted_returns",
     "gae",

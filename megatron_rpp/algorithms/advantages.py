@@ -34,7 +34,14 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from megatron_rpp.algorithms._checks import check_mask, check_shape, check_tensor
+from megatron_rpp.algorithms._checks import (
+    HyperparameterError,
+    accepts_positional,
+    check_mask,
+    check_range,
+    check_shape,
+    check_tensor,
+)
 from megatron_rpp.algorithms.registry import Registry, RegistryError, UnknownNameError
 
 __all__ = [
@@ -214,6 +221,13 @@ class AdvantageEstimator:
     def __post_init__(self) -> None:
         if self.default_whiten not in WHITEN_MODES:
             raise ValueError(f"default_whiten must be one of {list(WHITEN_MODES)}, got {self.default_whiten!r}")
+        for name, n_args in (("shape_rewards", 3), ("token_advantages", 4)):
+            fn = getattr(self, name)
+            if not callable(fn) or not accepts_positional(fn, n_args):
+                raise RegistryError(
+                    f"AdvantageEstimator.{name} must be a function of {n_args} positional arguments "
+                    f"({'rewards, group_index, cfg' if n_args == 3 else 'token_rewards, mask, values, cfg'}), got {fn!r}"
+                )
 
 
 def identity_rewards(rewards: Tensor, group_index: Tensor | None, cfg: AdvantageConfig) -> Tensor:
@@ -266,9 +280,12 @@ def _coerce_estimator(obj: object) -> AdvantageEstimator:
     """Registry entries are AdvantageEstimator; a bare function is a shape_rewards function."""
     if isinstance(obj, AdvantageEstimator):
         return obj
-    if callable(obj):
+    if callable(obj):  # checked for its arity by AdvantageEstimator
         return AdvantageEstimator(shape_rewards=obj, token_advantages=returns_as_advantages)
-    raise RegistryError(f"an advantage estimator must be an AdvantageEstimator or a function, got {obj!r}")
+    raise RegistryError(
+        f"an advantage estimator must be an AdvantageEstimator or a function "
+        f"(rewards, group_index, cfg) -> shaped rewards, got {obj!r}"
+    )
 
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator", coerce=_coerce_estimator)
@@ -288,14 +305,6 @@ _WHITEN_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 # ----------------------------------------------------------------------------- config + entry point
-
-
-def _check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"AdvantageConfig.{name} must be a number in {bracket}{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -322,25 +331,24 @@ class AdvantageConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.estimator, str):
             raise TypeError(f"AdvantageConfig.estimator must be a string, got {self.estimator!r}")
+        owner = "AdvantageConfig"
         try:
             spec = ADVANTAGE_ESTIMATORS.get(self.estimator)
         except (UnknownNameError, RegistryError) as err:
-            raise ValueError(f"AdvantageConfig.estimator: {err}") from None
-        _check_number("gamma", self.gamma, 0.0, 1.0, low_open=True)
-        _check_number("lam", self.lam, 0.0, 1.0)
-        _check_number("kl_coef", self.kl_coef, 0.0, math.inf)
-        _check_number("reward_clip", self.reward_clip, 0.0, math.inf, low_open=True)
-        _check_number("grpo_eps", self.grpo_eps, 0.0, math.inf, low_open=True)
+            raise HyperparameterError(owner, "estimator", str(err)) from None
+        check_range(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True)
+        check_range(owner, "lam", self.lam, 0.0, 1.0)
+        check_range(owner, "kl_coef", self.kl_coef, 0.0, math.inf, high_open=True)
+        check_range(owner, "reward_clip", self.reward_clip, 0.0, math.inf, low_open=True)
+        check_range(owner, "grpo_eps", self.grpo_eps, 0.0, math.inf, low_open=True, high_open=True)
         if isinstance(self.whiten, bool):
             object.__setattr__(self, "whiten", "token" if self.whiten else "none")
         if self.whiten is not None and self.whiten not in WHITEN_MODES:
-            raise ValueError(
-                f"AdvantageConfig.whiten must be one of {list(WHITEN_MODES)} or None, got {self.whiten!r}"
-            )
+            raise HyperparameterError(owner, "whiten", f"must be one of {list(WHITEN_MODES)} or None, got {self.whiten!r}")
         if spec.uses_groups and self.gamma != 1.0:
-            raise ValueError(
-                f"AdvantageConfig.gamma must be 1.0 for the group estimator {self.estimator!r}"
-                f" (its baseline is per sequence), got {self.gamma}"
+            raise HyperparameterError(
+                owner, "gamma", f"must be 1.0 for the group estimator {self.estimator!r} (its baseline is per sequence), "
+                f"got {self.gamma}"
             )
 
     def spec(self) -> AdvantageEstimator:
@@ -369,15 +377,34 @@ class AdvantageOutput:
         return iter((self.advantages, self.returns))
 
 
-def _advantages_from_config(
+@torch.no_grad()
+def compute_advantages(
     rewards: Tensor,
     response_mask: Tensor,
     cfg: AdvantageConfig,
-    group_index: Tensor | None,
-    token_kl: Tensor | None,
-    values: Tensor | None,
+    *,
+    group_index: Tensor | None = None,
+    token_kl: Tensor | None = None,
+    values: Tensor | None = None,
 ) -> AdvantageOutput:
-    """The pipeline of the module docstring (inputs validated here)."""
+    """Advantages and returns for a rollout batch (no autograd).
+
+        out = compute_advantages(rewards, response_mask, cfg, group_index=g, token_kl=k, values=v)
+        advantages, returns = out  # or out.advantages, out.returns, out.shaped_rewards, out.token_rewards
+
+    Args:
+        rewards: sequence rewards (already normalised if wanted), float.
+        response_mask: 1 on response tokens.
+        cfg: hyperparameters.
+        group_index: group (prompt) id of each sequence; required by group estimators.
+        token_kl: per-token KL estimate (e.g. :func:`kl_estimate` of old vs ref log-probs);
+            required when kl_coef != 0.
+        values: critic values; required by estimators with ``needs_values`` (``gae``).
+
+    Shape:
+        rewards: [B]; response_mask: [B, T]; group_index: [B] integer; token_kl: [B, T];
+        values: [B, T]; returns an :class:`AdvantageOutput` of [B, T] (and [B]) tensors.
+    """
     if not isinstance(cfg, AdvantageConfig):
         raise TypeError(f"cfg must be an AdvantageConfig, got {type(cfg).__name__}")
     rewards = check_tensor(rewards, "rewards")
@@ -418,66 +445,3 @@ def _advantages_from_config(
         shaped_rewards=shaped,
         token_rewards=token_rewards,
     )
-
-
-@torch.no_grad()
-def compute_advantages(
-    estimator_or_rewards: str | Tensor | None = None,
-    /,
-    response_mask: Tensor | None = None,
-    cfg: AdvantageConfig | None = None,
-    *,
-    rewards: Tensor | None = None,
-    group_index: Tensor | None = None,
-    token_kl: Tensor | None = None,
-    values: Tensor | None = None,
-    gamma: float | None = None,
-    lam: float | None = None,
-    kl_coef: float | None = None,
-    reward_clip: float | None = None,
-    whiten: str | bool | None = None,
-    grpo_eps: float | None = None,
-) -> AdvantageOutput:
-    """Advantages and returns for a rollout batch (no autograd). Two equivalent call styles:
-
-        compute_advantages(rewards, response_mask, cfg, group_index=g, token_kl=k, values=v)
-        advantages, returns = compute_advantages(
-            "reinforce_pp", rewards=r, response_mask=m, group_index=g, token_kl=k,
-            kl_coef=0.01, gamma=1.0, values=None, lam=1.0, whiten=None, reward_clip=10.0)
-
-    In the second style the hyperparameter keywords build an :class:`AdvantageConfig`
-    (omitted ones take its defaults); they may not be combined with ``cfg``.
-
-    Args:
-        rewards: sequence rewards (already normalised if wanted), float.
-        response_mask: 1 on response tokens.
-        cfg: hyperparameters.
-        group_index: group (prompt) id of each sequence; required by group estimators.
-        token_kl: per-token KL estimate (e.g. :func:`kl_estimate` of old vs ref log-probs);
-            required when kl_coef != 0.
-        values: critic values; required by ``gae``.
-
-    Shape:
-        rewards: [B]; response_mask: [B, T]; group_index: [B] integer; token_kl: [B, T];
-        values: [B, T]; returns an :class:`AdvantageOutput` of [B, T] (and [B]) tensors.
-    """
-    hyper = {"gamma": gamma, "lam": lam, "kl_coef": kl_coef, "reward_clip": reward_clip}
-    hyper.update(whiten=whiten, grpo_eps=grpo_eps)
-    hyper = {k: v for k, v in hyper.items() if v is not None}
-    first = estimator_or_rewards
-    if isinstance(first, str):
-        if cfg is not None:
-            raise TypeError("pass either an estimator name with hyperparameter keywords, or cfg")
-        cfg = AdvantageConfig(estimator=first, **hyper)
-    else:
-        if first is not None:
-            if rewards is not None:
-                raise TypeError("rewards given both positionally and as a keyword")
-            rewards = first
-        if cfg is None:
-            cfg = AdvantageConfig(**hyper)
-        elif hyper:
-            raise TypeError(f"pass either cfg or hyperparameter keywords, not both (got {sorted(hyper)})")
-    if rewards is None or response_mask is None:
-        raise TypeError("compute_advantages needs rewards and response_mask")
-    return _advantages_from_config(rewards, response_mask, cfg, group_index, token_kl, values)

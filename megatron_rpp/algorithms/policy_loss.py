@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from megatron_rpp.algorithms._checks import check_mask, check_shape
+from megatron_rpp.algorithms._checks import HyperparameterError, check_mask, check_range, check_shape, is_number
 from megatron_rpp.algorithms.aggregation import AGGREGATIONS, Count, aggregate
 from megatron_rpp.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from megatron_rpp.algorithms.registry import Registry, RegistryError, UnknownNameError
@@ -52,11 +52,7 @@ class LossOutput(NamedTuple):
 
 def _check(name: str, ok: bool, allowed: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"PolicyLossConfig.{name} must be {allowed}, got {value!r}")
-
-
-def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+        raise HyperparameterError("PolicyLossConfig", name, f"must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,21 +82,21 @@ class PolicyLossConfig:
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (see aggregation.py)."""
 
     def __post_init__(self) -> None:
+        owner = "PolicyLossConfig"
         named = (("loss", POLICY_LOSSES), ("kl_loss_estimator", KL_ESTIMATORS), ("agg_mode", AGGREGATIONS))
         for name, registry in named:
             try:
                 registry.get(getattr(self, name))
             except (UnknownNameError, RegistryError, TypeError) as err:
-                raise ValueError(f"PolicyLossConfig.{name}: {err}") from None
-        for name in ("clip_low", "clip_high", "kl_loss_coef", "entropy_coef"):
-            value = getattr(self, name)
-            _check(name, _is_num(value) and 0 <= value < math.inf, "a finite number >= 0", value)
-        _check("clip_low", self.clip_low < 1, "< 1", self.clip_low)
+                raise HyperparameterError(owner, name, str(err)) from None
+        check_range(owner, "clip_low", self.clip_low, 0.0, 1.0, high_open=True)
+        for name in ("clip_high", "kl_loss_coef", "entropy_coef"):
+            check_range(owner, name, getattr(self, name), 0.0, math.inf, high_open=True)
         d = self.dual_clip
-        _check("dual_clip", d is None or (_is_num(d) and d > 1), "None or a number > 1", d)
+        _check("dual_clip", d is None or (is_number(d) and 1 < d < math.inf), "None or a finite number > 1", d)
         hi, lo = self.tis_high, self.tis_low
-        _check("tis_high", hi is None or (_is_num(hi) and hi > 0), "None or a number > 0", hi)
-        _check("tis_low", lo is None or (_is_num(lo) and lo >= 0), "None or a number >= 0", lo)
+        _check("tis_high", hi is None or (is_number(hi) and 0 < hi < math.inf), "None or a finite number > 0", hi)
+        _check("tis_low", lo is None or (is_number(lo) and lo >= 0), "None or a number >= 0", lo)
         _check("tis_low", lo is None or (hi is not None and lo <= hi), "None, or <= tis_high (which must be set)", lo)
 
 

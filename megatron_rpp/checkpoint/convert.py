@@ -1,7 +1,7 @@
 """Offline, streaming HF ⇄ Megatron conversion (no process group, no model built).
 
-Both directions walk the parameters in the fixed order of
-``Architecture.megatron_param_names`` and hold one parameter at a time: its HF tensors,
+Both directions walk the parameters in the fixed order of the architecture's parameter
+table (``Architecture.param_table``) and hold one parameter at a time: its HF tensors,
 the fused Megatron tensor and its TP shards (views). Output files are written through
 :class:`SafetensorsStreamWriter` (header first, then tensor by tensor). Peak memory
 beyond the interpreter is therefore ~3× the largest parameter (the embedding for most
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,17 +31,16 @@ from megatron_rpp.checkpoint.format import (
     check_output_dir,
     checkpoint_layout,
     copy_hf_side_files,
-    merge_tp,
     publish_output_dir,
     read_metadata,
     shard_file_name,
-    split_tp,
     temp_output_dir,
     write_metadata,
 )
 from megatron_rpp.checkpoint.hf_io import INDEX_FILE, HFCheckpointReader, hf_shard_names, plan_hf_shards
 from megatron_rpp.checkpoint.safetensors_stream import SafetensorsStreamWriter, read_header, read_tensor
-from megatron_rpp.models.spec import ModelSpec, load_hf_config
+from megatron_rpp.models.spec import load_hf_config
+from megatron_rpp.parallel.gather import EMBEDDING_WEIGHT
 
 Log = Callable[[str], None]
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -97,10 +97,13 @@ def hf_to_megatron(
     arch, base_spec = resolve_architecture(cfg)
     spec = base_spec.for_tp(tp)
     layout = checkpoint_layout(arch, spec, tp, pp)
+    table = arch.param_table(spec)
     reader = HFCheckpointReader(hf_dir)
     target = _target_dtype(reader, dtype)
     if spec.padded_query_groups:
         log(f"padding KV groups {base_spec.num_query_groups} -> {spec.padded_query_groups} for tp={tp}")
+    if spec.padded_vocab_size:
+        log(f"padding the vocabulary {spec.vocab_size} -> {spec.padded_vocab_size} for tp={tp}")
 
     tmp = temp_output_dir(output)
     writers: dict[tuple[int, int], SafetensorsStreamWriter] = {}
@@ -111,20 +114,25 @@ def hf_to_megatron(
                 writers[(r, s)] = SafetensorsStreamWriter(tmp / shard_file_name(r, s), entries)
         used: set[str] = set()
         for p in layout:
-            hf_names = arch.hf_names_for(spec, p.name)
+            hf_names = list(table[p.name].hf_names)
             used.update(hf_names)
-            full = arch.to_megatron(spec, p.name, [reader.get(h) for h in hf_names])
+            hf_tensors = [reader.get(h) for h in hf_names]
+            try:
+                full = arch.to_megatron(spec, p.name, hf_tensors)
+            except ValueError as e:  # a tensor of the wrong size for the config
+                raise CheckpointError(f"{p.name} from {hf_names}: {e}") from None
             if tuple(full.shape) != p.full_shape:
                 raise CheckpointError(
                     f"{p.name}: built shape {tuple(full.shape)} from {hf_names}, config implies {p.full_shape}"
                 )
+            del hf_tensors
             full = full.to(target)
-            for (r, s), shard in zip(p.files(tp), split_tp(full, tp, p.partition_dim, p.gated)):
-                writers[(r, s)].write(p.name, shard)
+            for r, s in p.files(tp):
+                writers[(r, s)].write(p.name, table[p.name].shard(full, tp, r))
             del full
         for w in writers.values():
             w.close()
-        _check_all_hf_used(reader, used, spec)
+        _check_all_hf_used(reader, used | table.hf_aliases(), arch.name)
         copy_hf_side_files(hf_dir, tmp / HF_FILES_DIR)
         hf_cfg = _hf_config_with_dtype(cfg, target)
         (tmp / HF_FILES_DIR / "config.json").write_text(json.dumps(hf_cfg, indent=2))
@@ -156,14 +164,11 @@ def _target_dtype(reader: HFCheckpointReader, dtype: str | None) -> torch.dtype:
     return src
 
 
-def _check_all_hf_used(reader: HFCheckpointReader, used: set[str], spec: ModelSpec) -> None:
-    ignorable = {"lm_head.weight"} if spec.tie_word_embeddings else set()
-    left = sorted(
-        n for n in reader.names() if n not in used and n not in ignorable and not n.endswith(_IGNORED_HF_SUFFIXES)
-    )
+def _check_all_hf_used(reader: HFCheckpointReader, used: set[str], architecture: str) -> None:
+    left = sorted(n for n in reader.names() if n not in used and not n.endswith(_IGNORED_HF_SUFFIXES))
     if left:
         raise CheckpointError(
-            f"{len(left)} HF tensors are not used by the {spec.architecture} mapping (first: {left[0]}); "
+            f"{len(left)} HF tensors are not used by the {architecture} mapping (first: {left[0]}); "
             "does config.json describe these weights?"
         )
 
@@ -174,8 +179,10 @@ def _check_all_hf_used(reader: HFCheckpointReader, used: set[str], spec: ModelSp
 class MegatronCheckpointReader:
     """Read parameters of a megatron_rpp checkpoint, as saved or resharded to any TP.
 
-    Construction checks the whole folder (metadata, file sizes, every file's header
-    against the metadata) before any weight is read.
+    Construction checks the whole folder (metadata, file sizes, the metadata's layout
+    against the architecture's parameter table, every file's header against the metadata)
+    before any weight is read. The saving spec's vocabulary padding is read from the stored
+    embedding shape, so checkpoints padded differently (another divisor, or none) load too.
     """
 
     def __init__(self, ckpt_dir: str | Path):
@@ -188,9 +195,36 @@ class MegatronCheckpointReader:
         except KeyError as e:
             raise CheckpointError(f"{self.dir}: unsupported architecture: {e}") from None
         self.base_spec = self.arch.model_spec(self.meta.hf_config)
-        self.spec = self.base_spec.for_tp(self.meta.tp)
         self.layout: dict[str, ParamLayout] = {p.name: p for p in self.meta.params}
+        self.spec = self._saving_spec()
+        self.table = self.arch.param_table(self.spec)
+        self._check_layout()
         self._check_headers()
+
+    def _saving_spec(self):
+        """``base_spec.for_tp(tp)`` with the vocabulary rows the checkpoint actually stores."""
+        spec = self.base_spec.for_tp(self.meta.tp)
+        emb = self.layout.get(EMBEDDING_WEIGHT)
+        if emb is None:
+            raise CheckpointError(f"{self.dir}: metadata lists no {EMBEDDING_WEIGHT}")
+        rows = emb.full_shape[0]
+        if rows < spec.vocab_size:
+            raise CheckpointError(f"{self.dir}: {EMBEDDING_WEIGHT} has {rows} rows < vocab_size {spec.vocab_size}")
+        return replace(spec, padded_vocab_size=rows if rows != spec.vocab_size else None)
+
+    def _check_layout(self) -> None:
+        want = checkpoint_layout(self.arch, self.spec, self.meta.tp, self.meta.pp)
+        have = list(self.meta.params)
+        if [p.name for p in have] != [p.name for p in want]:
+            missing = sorted({p.name for p in want} - {p.name for p in have})
+            extra = sorted({p.name for p in have} - {p.name for p in want})
+            raise CheckpointError(
+                f"{self.dir}: metadata parameters differ from the {self.arch.name} parameter table "
+                f"(missing: {missing[:3]}, unexpected: {extra[:3]})"
+            )
+        for h, w in zip(have, want):
+            if h != w:
+                raise CheckpointError(f"{self.dir}: metadata says {h}, the {self.arch.name} parameter table {w}")
 
     def _check_headers(self) -> None:
         from megatron_rpp.checkpoint.safetensors_stream import ST_DTYPES
@@ -219,25 +253,26 @@ class MegatronCheckpointReader:
         return read_tensor(self.dir / shard_file_name(r, p.stage), name)
 
     def read_full(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` in full (TP=1) layout, with the saving layout's KV-group padding."""
+        """Parameter ``name`` in full (TP=1) layout, with the saving layout's padding."""
         p = self.layout[name]
         if p.partition_dim is None:
             return self.read_shard(name, 0)
-        return merge_tp([self.read_shard(name, r) for r in range(self.meta.tp)], p.partition_dim, p.gated)
+        return self.table[name].merge([self.read_shard(name, r) for r in range(self.meta.tp)])
 
     def read_for(self, name: str, tp: int, tp_rank: int) -> torch.Tensor:
-        """This TP rank's shard of ``name`` for a model built at tensor-parallel size ``tp``."""
-        target = self.base_spec.for_tp(tp)
-        p = self.layout[name]
-        if tp == self.meta.tp:
+        """This TP rank's shard of ``name`` for a model built from ``base_spec.for_tp(tp)``.
+
+        Where the padding (KV groups, vocabulary) of that spec differs from the saved one,
+        the tensor goes through the HF layout, the one canonical form, and is padded anew.
+        """
+        target_spec = self.base_spec.for_tp(tp)
+        src, dst = self.table[name], self.arch.param_table(target_spec)[name]
+        if tp == self.meta.tp and src.shape == dst.shape:
             return self.read_shard(name, tp_rank)
         full = self.read_full(name)
-        if target.megatron_query_groups != self.spec.megatron_query_groups and name.endswith(
-            ("linear_qkv.weight", "linear_qkv.bias", "linear_proj.weight")
-        ):  # re-pad KV groups: through the HF layout, the one canonical form
-            hf = [t for _, t in self.arch.to_hf(self.spec, name, full)]
-            full = self.arch.to_megatron(target, name, hf)
-        return split_tp(full, tp, p.partition_dim, p.gated)[tp_rank]
+        if src.shape != dst.shape:
+            full = self.arch.to_megatron(target_spec, name, [t for _, t in self.arch.to_hf(self.spec, name, full)])
+        return dst.shard(full, tp, tp_rank)
 
 
 # ------------------------------------------------------------------------------ Megatron -> HF

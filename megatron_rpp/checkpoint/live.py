@@ -30,34 +30,11 @@ from megatron_rpp.checkpoint.format import (
     copy_hf_side_files,
     publish_output_dir,
     shard_file_name,
-    stage_of,
-    tp_rule,
     write_metadata,
 )
 from megatron_rpp.checkpoint.safetensors_stream import SafetensorsStreamWriter
-from megatron_rpp.parallel.gather import global_name, layer_offset
+from megatron_rpp.parallel.gather import iter_local_params
 from megatron_rpp.parallel.groups import ParallelGroups
-
-
-def _local_params(model):
-    """``(global name, stored name, parameter)``; a tied output layer is stored as the embedding."""
-    offset = layer_offset(model)
-    for name, p in model.named_parameters():
-        gname = global_name(name, offset)
-        stored = gname
-        if gname == "output_layer.weight" and getattr(p, "shared_embedding", False):
-            stored = "embedding.word_embeddings.weight"
-        yield gname, stored, p
-
-
-def _check_tp_attrs(gname: str, p: torch.nn.Parameter) -> None:
-    dim, _ = tp_rule(gname)
-    sharded = bool(getattr(p, "tensor_model_parallel", False))
-    if sharded != (dim is not None) or (sharded and p.partition_dim != dim):
-        raise CheckpointError(
-            f"{gname}: the model shards it as (tensor_model_parallel={sharded}, "
-            f"partition_dim={getattr(p, 'partition_dim', None)}), the checkpoint format expects dim={dim}"
-        )
 
 
 def load_megatron_checkpoint(
@@ -77,29 +54,26 @@ def load_megatron_checkpoint(
     """
     ckpt = MegatronCheckpointReader(ckpt_dir)
     meta = ckpt.meta
-    expected = {
-        p.name for p in meta.params if stage_of(ckpt.base_spec, p.name, groups.pp_size) == groups.pp_rank
-    }
+    expected = {e.name for e in ckpt.table if ckpt.table.stage(e, groups.pp_size) == groups.pp_rank}
     seen: set[str] = set()
     with torch.no_grad():
-        for gname, stored, p in _local_params(model):
-            if stored not in ckpt.layout:
-                raise CheckpointError(f"{ckpt.dir}: model parameter {gname} is not in the checkpoint")
-            _check_tp_attrs(gname, p)
+        for name, p in iter_local_params(model, with_tied_copy=True):
+            if name not in ckpt.layout:
+                raise CheckpointError(f"{ckpt.dir}: model parameter {name} is not in the checkpoint")
             if p.dtype != meta.torch_dtype and not allow_dtype_cast:
                 raise CheckpointError(
-                    f"dtype mismatch: checkpoint {ckpt.dir} is {meta.dtype}, model parameter {gname} is "
+                    f"dtype mismatch: checkpoint {ckpt.dir} is {meta.dtype}, model parameter {name} is "
                     f"{p.dtype} (build the model in {meta.dtype} or pass allow_dtype_cast=True)"
                 )
-            shard = ckpt.read_for(stored, groups.tp_size, groups.tp_rank)
+            shard = ckpt.read_for(name, groups.tp_size, groups.tp_rank)
             if tuple(shard.shape) != tuple(p.shape):
                 raise CheckpointError(
-                    f"{gname}: checkpoint shard {tuple(shard.shape)} != model parameter {tuple(p.shape)} "
+                    f"{name}: checkpoint shard {tuple(shard.shape)} != model parameter {tuple(p.shape)} "
                     f"(tp={groups.tp_size}); was the model built from spec.for_tp({groups.tp_size}) of "
                     "this checkpoint's config?"
                 )
             p.copy_(shard)
-            seen.add(stored)
+            seen.add(name)
     missing = sorted(expected - seen)
     if missing:
         raise CheckpointError(
@@ -145,17 +119,14 @@ def save_megatron_checkpoint(
 
     if groups.dp_rank == 0:
         mine = {}
-        for gname, stored, p in _local_params(model):
-            if gname != stored:
-                continue  # the tied output layer is the embedding
-            entry = by_name.get(gname)
+        for name, p in iter_local_params(model):  # a tied output layer is the embedding: not stored
+            entry = by_name.get(name)
             if entry is None:
-                raise CheckpointError(f"model parameter {gname} is not part of the {arch.name} layout")
-            _check_tp_attrs(gname, p)
+                raise CheckpointError(f"model parameter {name} is not part of the {arch.name} layout")
             if tuple(p.shape) != entry.shard_shape(groups.tp_size):
-                raise CheckpointError(f"{gname}: shape {tuple(p.shape)} != {entry.shard_shape(groups.tp_size)}")
+                raise CheckpointError(f"{name}: shape {tuple(p.shape)} != {entry.shard_shape(groups.tp_size)}")
             if (groups.tp_rank, groups.pp_rank) in entry.files(groups.tp_size):
-                mine[gname] = p
+                mine[name] = p
         order = [p.name for p in layout if p.name in mine]
         path = tmp / shard_file_name(groups.tp_rank, groups.pp_rank)
         with SafetensorsStreamWriter(path, [(n, dtype, tuple(mine[n].shape)) for n in order]) as w:

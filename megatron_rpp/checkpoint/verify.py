@@ -54,8 +54,9 @@ def megatron_logits_on_rank(megatron_dir: str, tp: int, pp: int, input_ids: torc
     """
     from megatron_rpp.checkpoint.convert import MegatronCheckpointReader
     from megatron_rpp.checkpoint.live import load_megatron_checkpoint
-    from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+    from megatron_rpp.data.rollout_batch import RolloutBatch
     from megatron_rpp.models.provider import build_gpt_model
+    from megatron_rpp.models.scoring import forward_score
     from megatron_rpp.parallel.gather import gather_tp
     from megatron_rpp.parallel.groups import initialize_parallel
 
@@ -63,18 +64,18 @@ def megatron_logits_on_rank(megatron_dir: str, tp: int, pp: int, input_ids: torc
     base_spec = MegatronCheckpointReader(megatron_dir).base_spec
     model = build_gpt_model(base_spec.for_tp(tp), groups, dtype=torch.float32)
     load_megatron_checkpoint(model, groups, megatron_dir, allow_dtype_cast=True)
-    model.eval()
 
-    def loss_fn(logits, mb):  # logits [B, S, V/tp]; a score head's [B, S, 1] is not sharded
-        full = logits.detach().float()
+    def every_position(output, mb, ids, resp_index):  # [b, S, V/tp]; a score head's [b, S, 1] is not sharded
+        full = output.float()
         if base_spec.head == "lm":
-            full = gather_tp(full, groups, partition_dim=logits.dim() - 1, gated=False)  # [B, S, V]
-        return logits.sum() * 0.0, {"logits": full}
+            full = gather_tp(full, groups, partition_dim=output.dim() - 1, gated=False)  # [b, S, V']
+            full = full[..., : base_spec.vocab_size]  # vocabulary padding dropped: [b, S, V]
+        return full
 
-    with torch.no_grad():
-        out = forward_backward(model, [MicroBatch(input_ids)], loss_fn, groups, forward_only=True)
-    if out and groups.tp_rank == 0 and groups.dp_rank == 0:
-        return out[0]["logits"]
+    batch = RolloutBatch.from_sequences(input_ids.tolist(), [[] for _ in range(input_ids.shape[0])])
+    out = forward_score(model, groups, batch, every_position, micro_batch_size=len(batch))
+    if out is not None and groups.tp_rank == 0 and groups.dp_rank == 0:
+        return out
     return None
 
 

@@ -149,7 +149,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def help_text() -> str:
-    """Every config field with its type, default and docstring (for ``--help``)."""
+    """Every config field with its type, default, docstring and allowed range (for ``--help``)."""
+    from megatron_rpp.config.validate import allowed_range
+
     lines = []
     for sec in dataclasses.fields(Config):
         cls = _hints(Config)[sec.name]
@@ -159,5 +161,7 @@ def help_text() -> str:
         for f in dataclasses.fields(cls):
             typ = getattr(_hints(cls)[f.name], "__name__", "")
             lines.append(f"  {sec.name}.{f.name} ({typ}, default {getattr(defaults, f.name)!r})")
-            lines.append(textwrap.fill(docs.get(f.name, ""), 92, initial_indent="      ", subsequent_indent="      "))
+            allowed = allowed_range(f"{sec.name}.{f.name}")
+            text = docs.get(f.name, "") + (f" Allowed: {allowed}." if allowed else "")
+            lines.append(textwrap.fill(text, 92, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)

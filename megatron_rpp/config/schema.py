@@ -17,13 +17,15 @@ class ModelConfig:
     dtype: str = "fp32"
     """Training dtype of the policy and reference: ``fp32`` or ``bf16``."""
     tensor_parallel_size: int = 1
-    """Megatron tensor-parallel size (must divide heads, KV heads, FFN size and vocab)."""
+    """Megatron tensor-parallel size. Must divide the FFN size (``intermediate_size``); KV heads
+    and the vocabulary are padded to a multiple of it. Checked against ``config.json`` at load time."""
     pipeline_parallel_size: int = 1
-    """Megatron pipeline-parallel size (must divide the number of layers)."""
+    """Megatron pipeline-parallel size (must divide the number of layers; checked at load time)."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens (after the chat template) are skipped and counted."""
     max_response_length: int = 128
-    """Maximum number of generated tokens per response."""
+    """Maximum number of generated tokens per response. ``max_prompt_length + max_response_length``
+    must not exceed the model's ``max_position_embeddings``."""
     fused_output_layer: bool = True
     """Score and train response log-probs straight from the last hidden states with
     ``fused_linear_log_probs`` (never builds [tokens, V/tp] logits, skips prompt and padding
@@ -62,7 +64,9 @@ class RewardConfig:
     """Reward: a registered name (``math_answer``, ``reasoning_gym``) or ``path/to/file.py:fn``
     with ``fn(prompt: str, response: str, sample: dict) -> float``."""
     num_workers: int = 2
-    """Processes scoring rule rewards in parallel (0 = in the controller process)."""
+    """CPU processes that score ``function`` in parallel beside the controller (0 = in the controller
+    process). Not the model ranks (that is ``trainer.num_workers``); unused with ``remote_url`` or
+    ``model_dir``."""
     remote_url: str = ""
     """When set (``http://`` or ``https://``), rewards come from this HTTP endpoint instead of
     ``function``: POST ``{"prompts", "responses", "samples"}`` lists, reply a list of floats
@@ -93,7 +97,9 @@ class RewardConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     estimator: str = "reinforce_pp"
-    """Advantage estimator: ``reinforce_pp``, ``reinforce_pp_baseline``, ``grpo``, ``dr_grpo``, ``rloo``."""
+    """Advantage estimator: ``reinforce_pp``, ``reinforce_pp_baseline``, ``grpo``, ``dr_grpo``, ``rloo``,
+    or a plug-in ``path/to/file.py:fn`` / ``pkg.module:fn`` (docs/algorithms.md), loaded and checked at
+    load time. Estimators that need a critic (``gae``) are refused until the trainer builds one."""
     gamma: float = 1.0
     """Discount of token rewards (1.0 in REINFORCE++; must be 1 for group estimators)."""
     whiten: str = ""
@@ -111,7 +117,7 @@ class AlgorithmConfig:
     clip_high: float = 0.2
     """PPO-clip upper range ε_high."""
     dual_clip: float = 0.0
-    """Dual-clip constant c > 1 for negative advantages; 0 disables it."""
+    """Dual-clip constant c for negative advantages (the loss is capped at c·|A|); 0 disables it."""
     tis_cap: float = 0.0
     """Truncated importance correction toward the rollout engine's log-probs, capped at this
     value; 0 disables it."""
@@ -145,7 +151,7 @@ class RolloutConfig:
     """Every this many steps, check after the weight sync that vLLM's log-probs equal the
     trainer's on a probe batch (0 = never; 1 = every step)."""
     check_sync_tolerance: float = 1e-3
-    """Maximum allowed |Δ log-prob| of the sync self-check."""
+    """Maximum allowed |Δ log-prob| of the sync self-check (the run stops when it is exceeded)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,14 @@ class TrainerConfig:
     train_batch_size: int = 128
     """Samples per optimizer step (mini-batch); must divide rollout_batch_size × n_samples_per_prompt."""
     micro_batch_size: int = 8
-    """Samples per forward/backward micro-batch on one data-parallel rank."""
+    """Samples per forward/backward micro-batch on one data-parallel rank (when
+    ``max_tokens_per_micro_batch`` is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch (0 = off: ``micro_batch_size`` sequences each). When set,
+    length-sorted sequences fill each micro-batch while rows x longest row stays within the
+    budget (a longer sequence goes alone), for training and scoring alike; results are unchanged
+    (losses use global token counts), padded work shrinks. Sequences are always balanced
+    across data-parallel ranks by tokens."""
     num_epochs: int = 1
     """Passes over each rollout batch."""
     lr: float = 5e-7
@@ -163,13 +176,16 @@ class TrainerConfig:
     weight_decay: float = 0.0
     """Adam weight decay."""
     clip_grad: float = 1.0
-    """Gradient norm clipping."""
+    """Clip the global gradient norm (all ranks) to this value before each optimizer step."""
     seed: int = 1234
     """Seed of model init, sampling and data order."""
     output_dir: str = "outputs/run"
     """Directory for metrics.jsonl, TensorBoard logs, config.yaml, checkpoints and plots."""
     num_workers: int = 1
-    """Ranks (one worker each). 1 = in-process; more = Ray actors forming TP×PP×DP."""
+    """Model ranks: one worker each (one per GPU on GPU), holding a policy shard + optimizer, the
+    reference shard and a colocated vLLM engine. 1 = one worker in the controller process; more = Ray
+    actors forming TP × PP × DP (a multiple of ``model.tensor_parallel_size × pipeline_parallel_size``;
+    DP = the quotient). Not the reward-scoring processes (``reward.num_workers``)."""
     eval_interval: int = 0
     """Evaluate on held-out prompts every this many steps (0 = only at start and end)."""
     save_interval: int = 0
@@ -186,9 +202,11 @@ class TrainerConfig:
     """An optimizer step whose loss or gradient is NaN/inf is skipped and counted; the run
     stops after this many skipped steps in a row."""
     export_hf: bool = True
-    """Export the final policy as a HF checkpoint under output_dir/hf."""
+    """At the end, save the final policy twice: a Megatron checkpoint under output_dir/megatron_final
+    (loadable at any TP/PP) and, converted from it, a HF folder under output_dir/hf (config.json,
+    safetensors, tokenizer). ``false`` writes neither; resumable checkpoints are ``save_interval``'s."""
     progress: bool = True
-    """Show a progress bar with ETA and the last reward."""
+    """Show a progress bar with ETA, the last reward, KL and eval reward."""
 
 
 @dataclass(frozen=True)

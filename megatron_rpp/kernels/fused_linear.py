@@ -38,7 +38,7 @@ from megatron_rpp.kernels.log_probs import (
     combine_across_tp,
     finish_forward,
 )
-from megatron_rpp.kernels.shard_math import ShardStats, localize_labels, merge_stats, target_logits
+from megatron_rpp.kernels.shard_math import ShardStats, empty_stats, localize_labels, merge_stats, target_logits
 
 __all__ = ["fused_linear_log_probs", "fused_linear_log_probs_and_kl"]
 
@@ -72,13 +72,14 @@ class _FusedLinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ref_log_probs: Tensor | None, opts: Options):
-        rank, world = opts.tp_rank_and_size()
+        rank, _ = opts.tp_rank_and_size()
         n_rows, shard = hidden.shape[0], weight.shape[0]
+        real = opts.real_columns(shard)  # rows of weight past it are vocabulary padding: never multiplied
         cd = _compute_dtype(hidden)
-        rows, cols = chunk_shape(hidden.device, n_rows, shard)
+        rows, cols = chunk_shape(hidden.device, n_rows, real)
         buffers = _TileBuffers(rows, cols, hidden.shape[1], cd, hidden.device)
         running: ShardStats | None = None
-        for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
+        for c0, c1, row_ranges in _tiles(n_rows, real, rows, cols):
             w = weight[c0:c1].to(cd)  # [v, H]
             lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
             entropy = torch.empty_like(lse) if opts.with_entropy else None
@@ -92,8 +93,10 @@ class _FusedLinearLogProbs(torch.autograd.Function):
                     entropy[n0:n1] = ent
             chunk = ShardStats(lse, entropy, target)
             running = chunk if running is None else _merge_two(running, chunk)
+        if running is None:  # this rank's shard is all padding
+            running = empty_stats(n_rows, opts.with_entropy, hidden.device)
         stats = combine_across_tp(running, opts)
-        valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, shard * world, opts)
+        valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, opts.global_vocab(shard), opts)
         ctx.opts = opts
         ctx.set_materialize_grads(False)  # unused outputs (e.g. entropy kept for metrics) cost nothing
         ctx.save_for_backward(hidden, weight, labels, valid, stats.lse, stats.entropy, log_probs, ref_log_probs)
@@ -108,15 +111,18 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rank, world = opts.tp_rank_and_size()
         n_rows, shard = hidden.shape[0], weight.shape[0]
+        real = opts.real_columns(shard)
         cd = _compute_dtype(hidden)
-        rows, cols = chunk_shape(hidden.device, n_rows, shard)
+        rows, cols = chunk_shape(hidden.device, n_rows, real)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_weight = torch.empty_like(weight) if need_w else None
+        if need_w:
+            grad_weight[real:].zero_()  # vocabulary padding rows: no gradient
         buffers = _TileBuffers(rows, cols, hidden.shape[1], cd, hidden.device)
         one_row_tile = rows >= n_rows  # dL/dweight of a vocabulary chunk is then one matmul, written in place
         gw_acc = None if one_row_tile or not need_w else torch.empty((cols, hidden.shape[1]), dtype=torch.float32,
                                                                       device=hidden.device)
-        for c0, c1, row_ranges in _tiles(n_rows, shard, rows, cols):
+        for c0, c1, row_ranges in _tiles(n_rows, real, rows, cols):
             w = weight[c0:c1].to(cd)  # [v, H]
             gw = None if gw_acc is None else gw_acc[: c1 - c0].zero_()
             for n0, n1 in row_ranges:
@@ -170,17 +176,18 @@ class _TileBuffers:
             acc.add_(torch.mm(a, b, out=self.product[: n * m].view(n, m)))
 
 
-def _run(hidden, weight, labels, ref_log_probs, *, tp_group, temperature, with_entropy, kl_estimator, kl_clamp):
+def _run(hidden, weight, labels, ref_log_probs, *, tp_group, temperature, with_entropy, kl_estimator, kl_clamp,
+         vocab_size):
     if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise TypeError("hidden must be a floating-point tensor [..., H]")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V/tp, {hidden.shape[-1]}], got {list(getattr(weight, 'shape', []))}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    check_inputs(labels, hidden.shape[:-1], ref_log_probs, temperature, kl_estimator)
+    check_inputs(labels, hidden.shape[:-1], ref_log_probs, temperature, kl_estimator, vocab_size)
     token_shape = labels.shape
     opts = Options(tp_group, float(temperature), bool(with_entropy), kl_estimator, float(kl_clamp),
-                   resolve_backend(hidden.device))
+                   resolve_backend(hidden.device), vocab_size)
     ref = ref_log_probs.reshape(-1) if ref_log_probs is not None else None
     log_probs, entropy, kl = _FusedLinearLogProbs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ref, opts)  # [..., H] -> [N, H]
@@ -189,27 +196,31 @@ def _run(hidden, weight, labels, ref_log_probs, *, tp_group, temperature, with_e
 
 
 def fused_linear_log_probs(hidden: Tensor, weight: Tensor, labels: Tensor, *, tp_group=None,
-                           temperature: float = 1.0, with_entropy: bool = False):
+                           temperature: float = 1.0, with_entropy: bool = False, vocab_size: int | None = None):
     """log π(labels) with logits = hidden @ weightᵀ over the TP-sharded vocabulary, never materialised.
 
     Same semantics as :func:`~megatron_rpp.kernels.vocab_parallel_log_probs` applied to
     ``hidden @ weight.T``; differentiable with respect to ``hidden`` and ``weight``.
+    ``vocab_size``: the real global vocabulary when ``weight`` has padding rows (token ids
+    ≥ it): those rows are never multiplied and get zero gradient; None = all rows are tokens.
 
     Shape:
         hidden [..., H], weight [V/tp, H], labels [...] -> log_probs [...] fp32 (and entropy [...]).
     """
     log_probs, entropy, _ = _run(hidden, weight, labels, None, tp_group=tp_group, temperature=temperature,
-                                 with_entropy=with_entropy, kl_estimator=None, kl_clamp=math.inf)
+                                 with_entropy=with_entropy, kl_estimator=None, kl_clamp=math.inf,
+                                 vocab_size=vocab_size)
     return (log_probs, entropy) if with_entropy else log_probs
 
 
 def fused_linear_log_probs_and_kl(hidden: Tensor, weight: Tensor, labels: Tensor, ref_log_probs: Tensor, *,
                                   kl_estimator: str = "k2", kl_clamp: float = 10.0, tp_group=None,
-                                  temperature: float = 1.0, with_entropy: bool = False) -> LogProbsAndKL:
+                                  temperature: float = 1.0, with_entropy: bool = False,
+                                  vocab_size: int | None = None) -> LogProbsAndKL:
     """:func:`fused_linear_log_probs` plus the per-token KL estimate (see ``vocab_parallel_log_probs_and_kl``)."""
     if not isinstance(ref_log_probs, Tensor):
         raise TypeError("ref_log_probs must be a tensor")
     log_probs, entropy, kl = _run(hidden, weight, labels, ref_log_probs, tp_group=tp_group,
                                   temperature=temperature, with_entropy=with_entropy,
-                                  kl_estimator=kl_estimator, kl_clamp=kl_clamp)
+                                  kl_estimator=kl_estimator, kl_clamp=kl_clamp, vocab_size=vocab_size)
     return LogProbsAndKL(log_probs, kl, entropy)

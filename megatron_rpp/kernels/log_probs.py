@@ -12,6 +12,13 @@ Padding: a label outside [0, V) — e.g. the ignore index −100 — gives log-p
 no gradient through them; entropy is still computed there. Callers mask padding
 positions as usual; any label value is safe.
 
+Vocabulary padding (``vocab_size=``, the real global vocabulary): a Megatron model whose
+vocabulary is padded (``ModelSpec.for_tp``) has logit columns for token ids ≥ V that are
+no tokens. Those columns are left out of every softmax (no probability mass, entropy over
+the real vocabulary only) and get zero gradient; labels ≥ V count as not a token id. The
+padding is a suffix of the global vocabulary, so on each rank the real columns are a
+prefix of its shard (possibly empty). ``None`` (default): every column is a token.
+
 Shape letters: N tokens (any leading shape [...] flattens to N), V vocabulary, V/tp the
 shard of this rank (rank r holds token ids [r·V/tp, (r+1)·V/tp)).
 """
@@ -30,6 +37,7 @@ from megatron_rpp.algorithms.kl import KL_ESTIMATORS, kl_estimate, kl_estimate_g
 from megatron_rpp.kernels.backends import Backend, resolve_backend
 from megatron_rpp.kernels.shard_math import (
     ShardStats,
+    empty_stats,
     finish_log_probs,
     grad_coefficients,
     localize_labels,
@@ -58,11 +66,25 @@ class Options:
     kl_estimator: str | None  # None: no KL
     kl_clamp: float
     backend: Backend
+    vocab_size: int | None = None  # the real global vocabulary (columns at ids >= it are padding); None: all real
 
     def tp_rank_and_size(self) -> tuple[int, int]:
         if self.tp_group is None:
             return 0, 1
         return dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group)
+
+    def real_columns(self, shard: int) -> int:
+        """How many leading columns of this rank's vocabulary shard are real token ids."""
+        rank, world = self.tp_rank_and_size()
+        if self.vocab_size is None:
+            return shard
+        if self.vocab_size > shard * world:
+            raise ValueError(f"vocab_size={self.vocab_size} exceeds the sharded vocabulary ({shard} x {world} ranks)")
+        return max(0, min(shard, self.vocab_size - rank * shard))
+
+    def global_vocab(self, shard: int) -> int:
+        """Token ids are [0, this): the real vocabulary, or every column when none is given."""
+        return self.vocab_size if self.vocab_size is not None else shard * self.tp_rank_and_size()[1]
 
 
 # ---- communication + epilogue shared by both autograd functions ---------------------------
@@ -116,13 +138,18 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ref_log_probs: Tensor | None, opts: Options):
-        rank, world = opts.tp_rank_and_size()
+        rank, _ = opts.tp_rank_and_size()
         shard = logits.shape[-1]
-        local_labels = localize_labels(labels, rank * shard, shard)
-        lse, entropy = opts.backend.row_stats(logits, opts.temperature, opts.with_entropy)
-        local = ShardStats(lse, entropy, target_logits(logits, local_labels, opts.temperature))
+        real = opts.real_columns(shard)  # padded columns of the vocabulary are left out
+        local_labels = localize_labels(labels, rank * shard, real)
+        if real == 0:
+            local = empty_stats(logits.shape[0], opts.with_entropy, logits.device)
+        else:
+            x = logits[:, :real]  # [N, V/tp] -> [N, real] (a view)
+            lse, entropy = opts.backend.row_stats(x, opts.temperature, opts.with_entropy)
+            local = ShardStats(lse, entropy, target_logits(x, local_labels, opts.temperature))
         stats = combine_across_tp(local, opts)
-        valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, shard * world, opts)
+        valid, log_probs, kl = finish_forward(stats, labels, ref_log_probs, opts.global_vocab(shard), opts)
         ctx.opts = opts
         ctx.set_materialize_grads(False)  # unused outputs (e.g. entropy kept for metrics) cost nothing
         ctx.save_for_backward(logits, local_labels, valid, stats.lse, stats.entropy, log_probs, ref_log_probs)
@@ -136,8 +163,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             opts, valid, log_probs, ref_log_probs, grad_log_probs, grad_entropy, grad_kl, ctx.needs_input_grad[2])
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            grad_logits = opts.backend.grad(logits, local_labels, lse, entropy, coef, coef_entropy,
-                                            opts.temperature, out=torch.empty_like(logits))
+            grad_logits = torch.empty_like(logits)
+            real = opts.real_columns(logits.shape[-1])
+            grad_logits[:, real:].zero_()  # padding columns: no gradient
+            if real > 0:
+                opts.backend.grad(logits[:, :real], local_labels, lse, entropy, coef, coef_entropy,
+                                  opts.temperature, out=grad_logits[:, :real])
         return grad_logits, None, grad_ref, None
 
 
@@ -145,7 +176,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
 
 def check_inputs(labels: Tensor, token_shape: torch.Size, ref_log_probs: Tensor | None, temperature: float,
-                 kl_estimator: str | None) -> None:
+                 kl_estimator: str | None, vocab_size: int | None = None) -> None:
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive int (the real vocabulary) or None, got {vocab_size!r}")
     if labels.shape != token_shape:
         raise ValueError(f"labels must have shape {list(token_shape)}, got {list(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -160,13 +193,13 @@ def check_inputs(labels: Tensor, token_shape: torch.Size, ref_log_probs: Tensor 
 
 
 def _run(logits: Tensor, labels: Tensor, ref_log_probs: Tensor | None, *, tp_group, temperature: float,
-         with_entropy: bool, kl_estimator: str | None, kl_clamp: float):
+         with_entropy: bool, kl_estimator: str | None, kl_clamp: float, vocab_size: int | None):
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise TypeError("logits must be a floating-point tensor [..., V/tp]")
-    check_inputs(labels, logits.shape[:-1], ref_log_probs, temperature, kl_estimator)
+    check_inputs(labels, logits.shape[:-1], ref_log_probs, temperature, kl_estimator, vocab_size)
     token_shape = labels.shape
     opts = Options(tp_group, float(temperature), bool(with_entropy), kl_estimator, float(kl_clamp),
-                   resolve_backend(logits.device))
+                   resolve_backend(logits.device), vocab_size)
     logits_2d = logits.reshape(-1, logits.shape[-1])  # [..., V/tp] -> [N, V/tp]
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
@@ -177,7 +210,7 @@ def _run(logits: Tensor, labels: Tensor, ref_log_probs: Tensor | None, *, tp_gro
 
 
 def vocab_parallel_log_probs(logits: Tensor, labels: Tensor, *, tp_group=None, temperature: float = 1.0,
-                             with_entropy: bool = False):
+                             with_entropy: bool = False, vocab_size: int | None = None):
     """log π(labels) under softmax(logits / temperature) over the TP-sharded vocabulary.
 
     Args:
@@ -186,6 +219,8 @@ def vocab_parallel_log_probs(logits: Tensor, labels: Tensor, *, tp_group=None, t
         tp_group: the tensor-parallel group the vocabulary is sharded over; None = not sharded.
         temperature: the sampling temperature (log-probs are of logits / temperature).
         with_entropy: also return the entropy (nats) of softmax(logits / temperature).
+        vocab_size: the real global vocabulary V when the logits carry padding columns
+            (token ids ≥ V; module docstring); None = every column is a token.
 
     Shape:
         logits [..., V/tp], labels [...] -> log_probs [...] fp32 (and entropy [...] fp32).
@@ -194,13 +229,15 @@ def vocab_parallel_log_probs(logits: Tensor, labels: Tensor, *, tp_group=None, t
     torch elsewhere; ``MEGATRON_RPP_KERNEL_BACKEND`` overrides).
     """
     log_probs, entropy, _ = _run(logits, labels, None, tp_group=tp_group, temperature=temperature,
-                                 with_entropy=with_entropy, kl_estimator=None, kl_clamp=math.inf)
+                                 with_entropy=with_entropy, kl_estimator=None, kl_clamp=math.inf,
+                                 vocab_size=vocab_size)
     return (log_probs, entropy) if with_entropy else log_probs
 
 
 def vocab_parallel_log_probs_and_kl(logits: Tensor, labels: Tensor, ref_log_probs: Tensor, *,
                                     kl_estimator: str = "k2", kl_clamp: float = 10.0, tp_group=None,
-                                    temperature: float = 1.0, with_entropy: bool = False) -> LogProbsAndKL:
+                                    temperature: float = 1.0, with_entropy: bool = False,
+                                    vocab_size: int | None = None) -> LogProbsAndKL:
     """:func:`vocab_parallel_log_probs` plus the per-token KL estimate in the same pass.
 
     ``kl = kl_estimate(log_probs, ref_log_probs, kl_estimator, kl_clamp)`` (see
@@ -214,5 +251,6 @@ def vocab_parallel_log_probs_and_kl(logits: Tensor, labels: Tensor, ref_log_prob
     if not isinstance(ref_log_probs, Tensor):
         raise TypeError("ref_log_probs must be a tensor")
     log_probs, entropy, kl = _run(logits, labels, ref_log_probs, tp_group=tp_group, temperature=temperature,
-                                  with_entropy=with_entropy, kl_estimator=kl_estimator, kl_clamp=kl_clamp)
+                                  with_entropy=with_entropy, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
+                                  vocab_size=vocab_size)
     return LogProbsAndKL(log_probs, kl, entropy)

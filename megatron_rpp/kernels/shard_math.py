@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "ShardStats",
+    "empty_stats",
     "localize_labels",
     "target_logits",
     "merge_stats",
@@ -54,6 +55,15 @@ class ShardStats(NamedTuple):
     lse: Tensor
     entropy: Tensor | None  # None when entropy was not asked for
     target: Tensor
+
+
+def empty_stats(n_rows: int, with_entropy: bool, device: torch.device) -> ShardStats:
+    """The statistics of a shard with no columns (all padding): no mass, so weight 0 in :func:`merge_stats`.
+
+    Shape: -> ShardStats of [N] (lse −inf, entropy 0, target 0).
+    """
+    zeros = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    return ShardStats(torch.full_like(zeros, -torch.inf), zeros.clone() if with_entropy else None, zeros)
 
 
 def localize_labels(labels: Tensor, vocab_start: int, shard_size: int) -> Tensor:

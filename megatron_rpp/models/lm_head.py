@@ -60,12 +60,13 @@ def hidden_states_output(model):
 
 def response_log_probs(hidden: Tensor, weight: Tensor, input_ids: Tensor, resp_index: Tensor,
                        response_mask: Tensor, *, tp_group=None, temperature: float = 1.0,
-                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                       with_entropy: bool = False, vocab_size: int | None = None) -> tuple[Tensor, Tensor | None]:
     """log π of the response tokens (and the entropy there) from the last hidden states.
 
     ``resp_index[b, t]`` is the position whose hidden state predicts response token t of
-    sequence b (``trainer.batch.pad_sequences``); only positions where ``response_mask``
-    is set are computed, the rest are 0.
+    sequence b (``RolloutBatch.model_inputs``); only positions where ``response_mask``
+    is set are computed, the rest are 0. ``vocab_size``: the real vocabulary when ``weight``
+    has padding rows (``provider.real_vocab_size(model)``); they get no probability mass.
 
     Shape: hidden [B, S, H], weight [V/tp, H], input_ids [B, S], resp_index and
     response_mask [B, T] -> log_probs [B, T] fp32 (and entropy [B, T] fp32 or None).
@@ -75,7 +76,8 @@ def response_log_probs(hidden: Tensor, weight: Tensor, input_ids: Tensor, resp_i
     rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(resp_index)[response_mask]  # [n]
     pos = resp_index[response_mask]  # [n]
     out = fused_linear_log_probs(hidden[rows, pos], weight, input_ids[rows, pos + 1], tp_group=tp_group,
-                                 temperature=temperature, with_entropy=with_entropy)  # [n, H] -> [n]
+                                 temperature=temperature, with_entropy=with_entropy,
+                                 vocab_size=vocab_size)  # [n, H] -> [n]
     log_probs, entropy = out if with_entropy else (out, None)
 
     def scatter(values: Tensor) -> Tensor:  # [n] -> [B, T], differentiable

@@ -39,10 +39,10 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.
             f"({spec.megatron_attention_heads}) and num_key_value_heads ({spec.megatron_query_groups}); "
             f"build from spec.for_tp({groups.tp_size}) to pad KV groups"
         )
-    if spec.vocab_size % groups.tp_size:
+    if spec.megatron_vocab_size % groups.tp_size:
         raise UnsupportedConfigError(
-            f"tensor_parallel_size ({groups.tp_size}) must divide vocab_size ({spec.vocab_size}); "
-            "the vocabulary is not padded"
+            f"tensor_parallel_size ({groups.tp_size}) must divide the vocabulary ({spec.megatron_vocab_size} rows); "
+            f"build from spec.for_tp({groups.tp_size}) to pad it"
         )
     if spec.ffn_hidden_size % groups.tp_size:
         raise UnsupportedConfigError(
@@ -89,6 +89,21 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.
     )
 
 
+def _naming() -> str:
+    """The parameter-name scheme of :func:`layer_spec`'s modules (the parameter table's ``naming``)."""
+    return "te" if te_available() else "local"
+
+
+def real_vocab_size(model) -> int:
+    """The real (HF) vocabulary size of a model from :func:`build_gpt_model`; its logits may be wider (padding)."""
+    from megatron_rpp.models.pipeline import unwrap
+
+    spec = getattr(unwrap(model), "megatron_rpp_spec", None)
+    if spec is None:
+        raise ValueError("model was not built by megatron_rpp.models.provider.build_gpt_model (no megatron_rpp_spec)")
+    return spec.vocab_size
+
+
 def layer_spec(spec: ModelSpec):
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -100,13 +115,23 @@ def layer_spec(spec: ModelSpec):
 def build_gpt_model(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.dtype = torch.float32):
     """This rank's ``GPTModel`` shard for ``spec``.
 
-    ``spec.head == "lm"``: logits come out vocab-parallel ([B, S, V/tp]); the model returns
-    them as they are (``parallel_output=True``) so scoring never gathers the vocabulary.
+    ``spec.head == "lm"``: logits come out vocab-parallel ([B, S, V'/tp], V' =
+    ``spec.megatron_vocab_size``, incl. padding); the model returns them as they are
+    (``parallel_output=True``) so scoring never gathers the vocabulary. Columns at and
+    beyond ``spec.vocab_size`` are padding: pass ``vocab_size=spec.vocab_size`` (see
+    :func:`real_vocab_size`) to the log-prob kernels, which mask them.
     ``spec.head == "score"`` (a reward model): the last stage's output layer is a
     :class:`~megatron_rpp.models.reward_model.ScalarHead` and the model returns scores
     [B, S, 1], the same on every TP rank. (GPTModel first builds its vocabulary head; it
     is dropped at once, so the peak briefly holds one vocabulary shard more.)
+
+    The built model is checked against the architecture's parameter table (names, TP
+    splits, shard shapes: :func:`~megatron_rpp.models.architectures.table.bind_params`),
+    which also marks each parameter's ``tp_gated`` layout; ``spec`` is kept as
+    ``model.megatron_rpp_spec``.
     """
+    from megatron_rpp.models.architectures import get_architecture
+    from megatron_rpp.models.architectures.table import bind_params
     from megatron.core.models.gpt import GPTModel
 
     if spec.head not in ("lm", "score"):
@@ -117,7 +142,7 @@ def build_gpt_model(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.dty
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(spec),
-        vocab_size=spec.vocab_size,
+        vocab_size=spec.megatron_vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=groups.is_first_stage,
         post_process=groups.is_last_stage,
@@ -134,6 +159,9 @@ def build_gpt_model(spec: ModelSpec, groups: ParallelGroups, *, dtype: torch.dty
         from megatron_rpp.models.reward_model import ScalarHead
 
         model.output_layer = ScalarHead(spec.hidden_size, spec.num_labels, dtype)
+    table = get_architecture(spec.architecture).param_table(spec, naming=_naming())
+    bind_params(model, table, groups.tp_size)
+    model.megatron_rpp_spec = spec
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

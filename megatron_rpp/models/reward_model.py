@@ -84,61 +84,29 @@ def build_reward_model(
     return model, spec
 
 
-def pad_right(sequences: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-    """Token lists -> right-padded ids. Shape: [B, S] long (S = longest sequence)."""
-    out = torch.full((len(sequences), max(map(len, sequences))), pad_id, dtype=torch.long)
-    for b, ids in enumerate(sequences):
-        out[b, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return out
+def normalize_scores(scores: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Static normalisation ``(score - mean) / std`` (``reward.model_mean`` / ``reward.model_std``).
+
+    Shape: [B] -> [B]."""
+    return (scores - mean) / std
 
 
-def last_token_scores(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The score at each sequence's last real token. Shape: scores [B, S, 1], lengths [B] -> [B] fp32."""
-    assert scores.dim() == 3 and scores.shape[-1] == 1, f"expected scores [B, S, 1], got {tuple(scores.shape)}"
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    return scores[rows, lengths.to(scores.device) - 1, 0].float()  # [B, S, 1] -> [B]
-
-
-def normalize_scores(scores: list[float], mean: float, std: float) -> list[float]:
-    """Static normalisation ``(score - mean) / std`` (``reward.model_mean`` / ``reward.model_std``)."""
-    return [(s - mean) / std for s in scores]
-
-
-@torch.no_grad()
 def score_sequences(
     model, groups: ParallelGroups, sequences: list[list[int]], *, micro_batch_size: int
-) -> list[float] | None:
+) -> torch.Tensor | None:
     """Reward-model score of each token sequence (prompt + response), in input order.
 
-    Collective over the model's TP×PP group (every rank calls it with the same sequences).
-    Micro-batches hold sequences of similar length (less padding; the results do not
-    depend on the grouping). Runs through Megatron's pipeline schedule, so any PP works.
+    Collective over the model's TP×PP group (every rank calls it with the same sequences);
+    through :func:`~megatron_rpp.models.scoring.forward_score` (length-sorted micro-batches,
+    any PP). The trainer scores a :class:`RolloutBatch` directly (``Worker.reward_scores``).
 
     Returns:
-        ``B`` floats on every rank of the last pipeline stage; None on other stages.
+        [B] fp32 on every rank of the last pipeline stage; None on other stages.
     """
-    from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+    from megatron_rpp.data.rollout_batch import RolloutBatch
+    from megatron_rpp.models.scoring import forward_score, last_token_head
 
-    if not sequences:
-        return [] if groups.is_last_stage else None
-    if min(map(len, sequences)) < 1:
+    if sequences and min(map(len, sequences)) < 1:
         raise ValueError("cannot score an empty sequence")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    micro_batches = [
-        MicroBatch(pad_right([sequences[i] for i in c]),
-                   extras={"lengths": torch.tensor([len(sequences[i]) for i in c])})
-        for c in chunks
-    ]
-
-    def loss_fn(scores, mb):  # scores [B, S, 1], identical on every TP rank
-        return scores.new_zeros(()), {"scores": last_token_scores(scores, mb.extras["lengths"])}
-
-    out = forward_backward(model, micro_batches, loss_fn, groups, forward_only=True)
-    if not groups.is_last_stage:
-        return None
-    result = [0.0] * len(sequences)
-    for chunk, aux in zip(chunks, out):
-        for i, v in zip(chunk, aux["scores"].tolist()):
-            result[i] = v
-    return result
+    batch = RolloutBatch.from_sequences(sequences, [[] for _ in sequences])
+    return forward_score(model, groups, batch, last_token_head, micro_batch_size=micro_batch_size)

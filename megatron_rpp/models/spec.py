@@ -20,6 +20,13 @@ class UnsupportedConfigError(ValueError):
     """A HF config asks for something megatron_rpp does not implement."""
 
 
+#: Megatron's ``make_vocab_size_divisible_by`` (its default, 128): :meth:`ModelSpec.for_tp`
+#: pads the vocabulary to a multiple of this times the TP size, at TP=1 too, as Megatron does
+#: (matmul-friendly shard widths). A constant for now; checkpoints record their padded shapes
+#: (and readers take the padding from there), so a configurable divisor can come later.
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency-dependent RoPE scaling (``rope_type: llama3``)."""
@@ -57,6 +64,16 @@ class ModelSpec:
     #: (see :meth:`for_tp`); None means no padding. Padded groups are appended after the
     #: real ones with all-zero Q/K/V (and bias) rows and all-zero ``linear_proj`` columns.
     padded_query_groups: int | None = None
+    #: Vocabulary rows of the Megatron model's embedding and output layer, when more than
+    #: ``vocab_size`` (see :meth:`for_tp`); None means no padding. Padded rows are appended
+    #: after the real ones, all zero; no token id reaches them and the log-prob kernels mask
+    #: their logits (``vocab_size=``), so they get no probability mass and no gradient.
+    padded_vocab_size: int | None = None
+
+    @property
+    def megatron_vocab_size(self) -> int:
+        """Vocabulary rows of the Megatron model (real + padding); ``vocab_size`` is the real (HF) one."""
+        return self.padded_vocab_size or self.vocab_size
 
     @property
     def megatron_query_groups(self) -> int:
@@ -78,10 +95,22 @@ class ModelSpec:
         gradient reaching those weights is zero, so they stay zero in training. The HF
         mapping (``Architecture.to_hf``) drops them. Example: SmolLM2-135M (9 heads, 3 KV
         groups) at tp=2 is built with 12 heads in 4 groups.
+
+        The vocabulary is padded like Megatron's (``_vocab_size_with_padding``): to the next
+        multiple of :data:`MAKE_VOCAB_SIZE_DIVISIBLE_BY` x ``tp``, at tp=1 too. Example:
+        GPT-2's 50257 becomes 50304 at tp=1, 50432 at tp=2, 51200 at tp=8; SmolLM2's 49152
+        needs none up to tp=128, Llama-3's 128256 none at tp <= 2 (128512 at tp=4). The padded rows are zero (embedding and an
+        untied output layer); HF exports and the weight sync drop them.
         """
         g = self.num_query_groups
         padded = -(-g // tp) * tp
-        return replace(self, padded_query_groups=padded if padded != g else None)
+        multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tp
+        vocab = -(-self.vocab_size // multiple) * multiple
+        return replace(
+            self,
+            padded_query_groups=padded if padded != g else None,
+            padded_vocab_size=vocab if vocab != self.vocab_size else None,
+        )
 
     def rotary_inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies exactly as transformers computes them.
@@ -132,8 +161,9 @@ def _rope_scaling(cfg: Mapping[str, Any]) -> RopeScaling | None:
     if kind in (None, "default"):
         return None
     if kind != "llama3":
+        arch = (cfg.get("architectures") or ["?"])[0]
         raise UnsupportedConfigError(
-            f"rope_scaling type {kind!r} is not supported (supported: 'default', 'llama3')"
+            f"{arch}: rope_scaling type {kind!r} is not supported (supported: 'default', 'llama3')"
         )
     return RopeScaling(
         factor=float(rs["factor"]),

@@ -1,11 +1,18 @@
-"""Reassemble full (TP=1, PP=1 layout) Megatron parameters from this world's shards.
+"""Megatron's tensor-parallel layout of a parameter, and full parameters from this world's shards.
 
-The weight sync to the rollout engine, the HF export and the tests all need the full
-tensor of a parameter sharded across tensor-parallel ranks and owned by one pipeline
-stage. Megatron marks each sharded parameter with ``tensor_model_parallel`` and
-``partition_dim``. One layout needs care: the gated MLP input projection
-(``linear_fc1`` = [gate; up]) is sharded as [gate_r; up_r] on TP rank r, so the full
-tensor is [gate_0 .. gate_{tp-1}; up_0 .. up_{tp-1}], not a plain concatenation.
+The one TP split/merge pair (:func:`tp_shard` / :func:`merge_tp`, pure) serves the
+converter, the checkpoint reader, live loading, the weight sync and the tests. One layout
+needs care: a gated MLP input projection (``linear_fc1`` = [gate; up]) is sharded as
+[gate_r; up_r] on TP rank r, so the full tensor is [gate_0 .. gate_{tp-1}; up_0 .. up_{tp-1}],
+not a plain concatenation. Which parameters are split along which dim, and which are gated,
+is the architecture's parameter table (``models/architectures/table.py``); the model
+provider stamps ``tp_gated`` on every parameter from it, next to Megatron's own
+``tensor_model_parallel`` / ``partition_dim``.
+
+Model naming (:func:`iter_local_params`): Megatron names a stage's layers with local
+indices; these helpers use global ones (``decoder.layers.{global index}...``). The last
+stage's copy of a tied embedding (``output_layer.weight`` marked ``shared_embedding``) is
+the embedding: it goes by the embedding's name, here and only here.
 """
 from __future__ import annotations
 
@@ -16,9 +23,46 @@ import torch.distributed as dist
 
 from megatron_rpp.parallel.groups import ParallelGroups
 
+#: Megatron's name of the (vocab-parallel) input embedding; a tied output layer is a copy of it.
+EMBEDDING_WEIGHT = "embedding.word_embeddings.weight"
 
-def is_gated_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+
+# ----------------------------------------------------------------------------- pure layout
+
+
+def tp_shard_shape(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, ...]:
+    """One TP rank's shard shape of a full ``shape`` split along ``dim`` (None: replicated)."""
+    if dim is None:
+        return tuple(shape)
+    out = list(shape)
+    out[dim] //= tp
+    return tuple(out)
+
+
+def tp_shard(full: torch.Tensor, tp: int, rank: int, dim: int | None, gated: bool) -> torch.Tensor:
+    """TP rank ``rank``'s shard of a full tensor, in Megatron's layout (a view unless gated).
+
+    Shape: [.., d, ..] -> [.., d/tp, ..] along ``dim``; replicated (``dim`` None) -> full.
+    """
+    if dim is None or tp == 1:
+        return full
+    if gated:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def merge_tp(shards: list[torch.Tensor], dim: int | None, gated: bool) -> torch.Tensor:
+    """The full tensor from the TP ranks' shards (in TP-rank order): the inverse of :func:`tp_shard`.
+
+    Shape: tp x [.., d/tp, ..] -> [.., d, ..] along ``dim``; replicated -> the first shard.
+    """
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if gated:
+        halves = [s.chunk(2, dim=dim) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(shards, dim=dim)
 
 
 def gather_tp(tensor: torch.Tensor, groups: ParallelGroups, *, partition_dim: int, gated: bool) -> torch.Tensor:
@@ -30,32 +74,10 @@ def gather_tp(tensor: torch.Tensor, groups: ParallelGroups, *, partition_dim: in
         return tensor
     shards = [torch.empty_like(tensor) for _ in range(groups.tp_size)]
     dist.all_gather(shards, tensor.contiguous(), group=groups.tp_group)
-    return merge_tp_shards(shards, partition_dim=partition_dim, gated=gated)
+    return merge_tp(shards, partition_dim, gated)
 
 
-def merge_tp_shards(shards: list[torch.Tensor], *, partition_dim: int, gated: bool) -> torch.Tensor:
-    """The TP=1 layout from the TP ranks' shards (in TP-rank order); pure, no communication.
-
-    Shape: tp x [..., d/tp, ...] -> [..., d, ...] along ``partition_dim``.
-    """
-    if len(shards) == 1:
-        return shards[0]
-    if gated:
-        halves = [s.chunk(2, dim=partition_dim) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=partition_dim)
-    return torch.cat(shards, dim=partition_dim)
-
-
-def shard_tp(full: torch.Tensor, groups: ParallelGroups, *, partition_dim: int, gated: bool) -> torch.Tensor:
-    """This TP rank's slice of a full tensor (the inverse of :func:`gather_tp`)."""
-    if groups.tp_size == 1:
-        return full
-    if gated:
-        gate, up = full.chunk(2, dim=partition_dim)
-        g = gate.chunk(groups.tp_size, dim=partition_dim)[groups.tp_rank]
-        u = up.chunk(groups.tp_size, dim=partition_dim)[groups.tp_rank]
-        return torch.cat([g, u], dim=partition_dim)
-    return full.chunk(groups.tp_size, dim=partition_dim)[groups.tp_rank]
+# ----------------------------------------------------------------------------- model naming
 
 
 def global_name(local_name: str, layer_offset: int) -> str:
@@ -75,17 +97,29 @@ def layer_offset(model) -> int:
     return layers[0].layer_number - 1
 
 
-def iter_local_params(model, *, skip_shared_output: bool = True) -> Iterator[tuple[str, torch.nn.Parameter]]:
+def iter_local_params(model, *, with_tied_copy: bool = False) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """``(global megatron name, parameter)`` for this stage, in a fixed order.
 
-    The last stage's copy of a tied embedding (``output_layer.weight`` marked
-    ``shared_embedding``) is skipped: the first stage owns that weight.
+    The last stage's copy of a tied embedding is named as the embedding
+    (:data:`EMBEDDING_WEIGHT`) and skipped unless ``with_tied_copy`` (the first stage owns
+    that weight; loaders fill the copy too).
     """
     offset = layer_offset(model)
     for name, p in model.named_parameters():
-        if skip_shared_output and name == "output_layer.weight" and getattr(p, "shared_embedding", False):
+        if name == "output_layer.weight" and getattr(p, "shared_embedding", False):  # the tied copy
+            if with_tied_copy:
+                yield EMBEDDING_WEIGHT, p
             continue
         yield global_name(name, offset), p
+
+
+def _tp_layout(name: str, p: torch.nn.Parameter) -> tuple[int | None, bool]:
+    """(partition dim or None, gated) of a live parameter, from Megatron's and the provider's marks."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None, False
+    if not hasattr(p, "tp_gated"):
+        raise ValueError(f"{name}: no tp_gated mark (build the model with megatron_rpp.models.provider.build_gpt_model)")
+    return p.partition_dim, p.tp_gated
 
 
 def gather_full_params(model, groups: ParallelGroups, *, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -100,8 +134,9 @@ def gather_full_params(model, groups: ParallelGroups, *, grads: bool = False) ->
         if t is None:
             t = torch.zeros_like(p)
         t = t.detach()
-        if getattr(p, "tensor_model_parallel", False):
-            t = gather_tp(t, groups, partition_dim=p.partition_dim, gated=is_gated_fc1(name))
+        dim, gated = _tp_layout(name, p)
+        if dim is not None:
+            t = gather_tp(t, groups, partition_dim=dim, gated=gated)
         local[name] = t.cpu().clone()
     if groups.pp_size == 1:
         return local
@@ -116,16 +151,11 @@ def gather_full_params(model, groups: ParallelGroups, *, grads: bool = False) ->
 def load_full_params(model, groups: ParallelGroups, full: dict[str, torch.Tensor]) -> None:
     """Copy a TP=1/PP=1-layout state (megatron names) into this rank's shards."""
     with torch.no_grad():
-        offset = layer_offset(model)
-        for name, p in model.named_parameters():
-            gname = global_name(name, offset)
-            if gname == "output_layer.weight" and getattr(p, "shared_embedding", False):
-                gname = "embedding.word_embeddings.weight"
-            if gname not in full:
-                raise KeyError(f"parameter {gname} missing from the full state")
-            t = full[gname]
-            if getattr(p, "tensor_model_parallel", False):
-                t = shard_tp(t, groups, partition_dim=p.partition_dim, gated=is_gated_fc1(name))
+        for name, p in iter_local_params(model, with_tied_copy=True):
+            if name not in full:
+                raise KeyError(f"parameter {name} missing from the full state")
+            dim, gated = _tp_layout(name, p)
+            t = tp_shard(full[name], groups.tp_size, groups.tp_rank, dim, gated)
             if t.shape != p.shape:
-                raise ValueError(f"{gname}: shard shape {tuple(t.shape)} != parameter shape {tuple(p.shape)}")
+                raise ValueError(f"{name}: shard shape {tuple(t.shape)} != parameter shape {tuple(p.shape)}")
             p.copy_(t)

@@ -23,13 +23,13 @@ import http.client
 import json
 import math
 import socket
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from megatron_rpp.rewards.scorer import RewardError, describe_sample
+from megatron_rpp.utils import console
 
 
 def _retryable_status(status: int) -> bool:
@@ -104,8 +104,8 @@ class RemoteRewardScorer:
                     raise RewardError(f"remote reward {self.url}: {failure} after {attempts} "
                                       f"attempts (timeout {self.timeout_s:g}s each): {e}") from None
                 delay = self.backoff_s * 2 ** (attempt - 1)
-                print(f"[megatron-rpp] WARNING remote reward {self.url}: attempt {attempt}/{attempts} for {where} "
-                      f"failed ({e}); retrying in {delay:.2g}s", file=sys.stderr, flush=True)
+                console.say(f"{console.PREFIX} WARNING remote reward {self.url}: attempt {attempt}/{attempts} for "
+                            f"{where} failed ({e}); retrying in {delay:.2g}s", err=True)
                 time.sleep(delay)
 
     def _post(self, body: bytes):

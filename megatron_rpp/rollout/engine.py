@@ -1,7 +1,7 @@
 """The rollout engine interface: what the trainer needs from a generation backend.
 
-Standard library and torch only; a backend (e.g. :class:`~megatron_rpp.rollout.vllm_engine.VllmEngine`)
-imports its own heavy dependencies.
+Standard library, torch and :mod:`megatron_rpp.algorithms` only; a backend (e.g.
+:class:`~megatron_rpp.rollout.vllm_engine.VllmEngine`) imports its own heavy dependencies.
 
 Log-prob convention (every backend must follow it, the trainer relies on it):
 ``Response.log_probs[t]`` is the log-probability of the sampled token under the
@@ -16,10 +16,13 @@ those tokens, and the per-step gap metrics (``self_check.log_prob_gap_metrics``)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Protocol, runtime_checkable
 
 import torch
+
+from megatron_rpp.algorithms import HyperparameterError, check_range
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,22 @@ class SamplingConfig:
     prompts -> same responses."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"sampling.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
-        if self.n < 1:
-            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
+        owner = "SamplingConfig"
+        check_range(owner, "temperature", self.temperature, 0.0, math.inf, high_open=True)
+        check_range(owner, "top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if not _is_int(self.top_k) or self.top_k == 0 or self.top_k < -1:
+            raise HyperparameterError(owner, "top_k", f"must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        for name in ("max_tokens", "n"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise HyperparameterError(owner, name, f"must be an integer >= 1, got {value!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise HyperparameterError(owner, "seed", f"must be None or an integer, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass

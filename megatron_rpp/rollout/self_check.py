@@ -77,36 +77,24 @@ def trainer_sequence_log_probs(
     """The Megatron model's teacher-forced log-probs of tokens 1..L-1 of each sequence,
     ``log_softmax(logits / temperature)``.
 
-    Collective (one forward through the pipeline). Returns the same list on every rank.
+    Through Megatron's own output layer and the logits kernel (not the trainer's fused
+    output layer): an independent path from training. Collective (one forward through the
+    pipeline). Returns the same list on every rank.
     Shape: one [L_i - 1] fp32 tensor per sequence.
     """
-    from megatron_rpp.kernels import vocab_parallel_log_probs
-    from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+    from megatron_rpp.data.rollout_batch import RolloutBatch
+    from megatron_rpp.models.scoring import forward_score, response_log_probs_head
 
-    tp_group = groups.tp_group if groups.tp_size > 1 else None
-    lengths = [len(s) for s in sequences]
-    S = max(lengths)
-    input_ids = torch.zeros(len(sequences), S, dtype=torch.long)  # right-padded
-    for i, s in enumerate(sequences):
-        input_ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-
-    def loss_fn(logits, mb):  # logits [B, S, V/tp]
-        lp = vocab_parallel_log_probs(
-            logits[:, :-1].detach(), mb.input_ids[:, 1:], tp_group=tp_group, temperature=temperature
-        )  # [B, S-1]
-        return logits.new_zeros(()), {"log_probs": lp}
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = forward_backward(model, [MicroBatch(input_ids)], loss_fn, groups, forward_only=True)
-    model.train(was_training)
-    lp = out[0]["log_probs"].float() if out else torch.empty(len(sequences), S - 1, device=device)
+    batch = RolloutBatch.from_sequences([list(s[:1]) for s in sequences], [list(s[1:]) for s in sequences])
+    head = response_log_probs_head(model, groups, temperature=temperature, fused=False)
+    lp = forward_score(model, groups, batch, head, micro_batch_size=len(sequences))  # [B, T] on the last stage
+    if lp is None:
+        lp = torch.empty(batch.response_ids.shape)
     if groups.pp_size > 1:
+        device = next(model.parameters()).device
+        lp = lp.to(device)
         dist.broadcast(lp, src=groups.pp_ranks[-1], group=groups.pp_group)
-    return [lp[i, : n - 1].cpu() for i, n in enumerate(lengths)]
+    return [lp[i, : len(s) - 1].cpu() for i, s in enumerate(sequences)]
 
 
 def check_engine_matches_trainer(

@@ -14,16 +14,17 @@ engine dtype; a single larger tensor goes alone):
    (every pipeline group carries its own TP slice, so inter-stage traffic is 1/tp of
    the bucket per link);
 3. an in-place all-gather of the rows over the TP group (intra-node link);
-4. each parameter is reassembled lazily (:func:`merge_tp_shards`, incl. the gated
-   ``linear_fc1`` layout), converted by ``Architecture.to_hf`` (the single source of
-   truth for names and layouts, e.g. grouped QKV -> q/k/v) and yielded to the engine.
+4. each parameter is reassembled lazily (``ParamEntry.merge``, incl. the gated
+   ``linear_fc1`` layout), converted by ``Architecture.to_hf`` (the parameter table: names
+   and layouts, e.g. grouped QKV -> q/k/v; KV-group and vocabulary padding dropped, so the
+   engine sees exactly the HF tensors) and yielded to the engine.
 
 The whole sync is one generator consumed by one ``engine.update_weights`` call (vLLM
 buffers a layer until all its tensors arrived, see ``vllm_engine``), so communication
 runs lazily as the engine loads. Peak extra memory: one gathered bucket (shards are
 packed straight into this rank's row of it, and the collectives work in place) plus the
-parameter being reassembled — never a model copy. All ranks run the same collectives in the same order (the order of
-``Architecture.megatron_param_names``), so the sync cannot deadlock on ordering.
+parameter being reassembled — never a model copy. All ranks run the same collectives in
+the same order (the parameter table's), so the sync cannot deadlock on ordering.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpp.models.spec import ModelSpec
-from megatron_rpp.parallel.gather import is_gated_fc1, iter_local_params, merge_tp_shards
+from megatron_rpp.parallel.gather import iter_local_params, merge_tp
 from megatron_rpp.parallel.groups import ParallelGroups
 
 
@@ -55,6 +56,8 @@ class ParamSlot:
     shard_shape: tuple[int, ...]
     tp_sharded: bool
     partition_dim: int
+    gated: bool = False
+    """TP shards are [gate_r; up_r] (``linear_fc1``)."""
 
     @property
     def shard_numel(self) -> int:
@@ -96,37 +99,48 @@ class SyncStats:
 
 
 def build_plan(model, groups: ParallelGroups, spec: ModelSpec, arch) -> list[ParamSlot]:
-    """Every parameter of the full model, in ``arch.megatron_param_names(spec)`` order.
+    """Every parameter of the full model, from the parameter table ``arch.param_table(spec)``.
 
-    Collective over the pipeline group (metadata only: names, shard shapes, owner stage).
+    Names, owning stages, shard shapes and TP layouts come from the table; each rank checks
+    its own stage's parameters against it, and the verdicts are exchanged over the pipeline
+    group, so every rank raises (or none does).
 
     Raises:
-        WeightSyncError: when the model's parameters and the architecture's list differ
-            (a mapping that would silently skip or invent a tensor).
+        WeightSyncError: when this world's parameters and the table differ (a mapping that
+            would silently skip or invent a tensor, or a model built from another spec).
     """
-    local = [
-        (name, tuple(p.shape), bool(getattr(p, "tensor_model_parallel", False)), int(getattr(p, "partition_dim", -1)))
-        for name, p in iter_local_params(_unwrap(model))
+    table = arch.param_table(spec)
+    tp, pp = groups.tp_size, groups.pp_size
+    slots = [
+        ParamSlot(e.name, table.stage(e, pp), e.shard_shape(tp), e.partition_dim is not None and tp > 1,
+                  -1 if e.partition_dim is None else e.partition_dim, e.gated)
+        for e in table
     ]
-    per_stage: list = [None] * groups.pp_size
-    if groups.pp_size > 1:
-        dist.all_gather_object(per_stage, local, group=groups.pp_group)
-    else:
-        per_stage = [local]
-    found: dict[str, ParamSlot] = {}
-    for stage, entries in enumerate(per_stage):
-        for name, shape, sharded, pdim in entries:
-            if name in found:
-                raise WeightSyncError(f"parameter {name} is owned by stages {found[name].stage} and {stage}")
-            found[name] = ParamSlot(name, stage, shape, sharded and groups.tp_size > 1, pdim)
-    expected = arch.megatron_param_names(spec)
-    missing, extra = set(expected) - set(found), set(found) - set(expected)
+    problem = _check_stage(model, slots, groups.pp_rank, arch.name)
+    problems: list = [problem]
+    if pp > 1:
+        problems = [None] * pp
+        dist.all_gather_object(problems, problem, group=groups.pp_group)
+    found = [p for p in problems if p]
+    if found:
+        raise WeightSyncError(found[0])
+    return slots
+
+
+def _check_stage(model, slots: list[ParamSlot], stage: int, arch_name: str) -> str | None:
+    """Why this stage's parameters do not match the table's slots of ``stage`` (None when they do)."""
+    local = {name: p for name, p in iter_local_params(_unwrap(model))}
+    mine = {s.name: s for s in slots if s.stage == stage}
+    missing, extra = sorted(set(mine) - set(local)), sorted(set(local) - set(mine))
     if missing or extra:
-        raise WeightSyncError(
-            f"{arch.name}: Megatron model and architecture mapping disagree; "
-            f"missing from the model: {sorted(missing)[:5]}, not in the mapping: {sorted(extra)[:5]}"
-        )
-    return [found[n] for n in expected]
+        return (f"{arch_name}: Megatron model and parameter table disagree on stage {stage}; "
+                f"missing from the model: {missing[:5]}, not in the table: {extra[:5]}")
+    for name, p in local.items():
+        s = mine[name]
+        if tuple(p.shape) != s.shard_shape:
+            return (f"{name}: model shard {tuple(p.shape)} != table {s.shard_shape}; was the model built "
+                    "from this spec (spec.for_tp(tp))?")
+    return None
 
 
 def plan_buckets(slots: list[ParamSlot], *, tp: int, element_size: int, bucket_bytes: int) -> list[Bucket]:
@@ -239,12 +253,11 @@ def iter_hf_tensors(
             rows = gathered if slot.tp_sharded else gathered[:1]
             shards = [r[off:off + n].view(slot.shard_shape) for r in rows]
             off += n
-            gated = is_gated_fc1(slot.name)
-            if len(bucket.slots) == 1 and slot.tp_sharded and slot.partition_dim == 0 and not gated:
+            if len(bucket.slots) == 1 and slot.tp_sharded and slot.partition_dim == 0 and not slot.gated:
                 # The gathered rows already are the full tensor (e.g. the vocab-parallel embedding): no copy.
                 full = gathered.view(slot.shard_shape[0] * groups.tp_size, *slot.shard_shape[1:])
             else:
-                full = merge_tp_shards(shards, partition_dim=slot.partition_dim, gated=gated)
+                full = merge_tp(shards, slot.partition_dim if slot.tp_sharded else None, slot.gated)
             pieces = arch.to_hf(spec, slot.name, full)
             del shards, full
             stats.gather_seconds += time.perf_counter() - t0

@@ -23,9 +23,9 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
+from megatron_rpp.utils import console
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
@@ -119,7 +119,7 @@ def complete_checkpoints(root: Path, *, warn: bool = True) -> list[tuple[int, Pa
             validate(p)
         except ResumeError as e:
             if warn:
-                print(f"[megatron-rpp] ignoring incomplete checkpoint: {e}", file=sys.stderr)
+                console.say(f"{console.PREFIX} ignoring incomplete checkpoint: {e}", err=True)
             continue
         found.append((int(m.group(1)), p))
     return found

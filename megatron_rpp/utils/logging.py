@@ -5,24 +5,31 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
+from megatron_rpp.utils import console
+
 
 class Timer:
-    """``with timer("generate"): ...`` accumulates seconds under ``timing/generate``."""
+    """``with timer("generate"): ...`` accumulates seconds under ``timing/generate``; with
+    ``cpu=True`` also this process's CPU seconds (all its threads) under ``cpu_seconds/generate``
+    (CPU utilisation = cpu_seconds / timing: 2.0 = two cores busy)."""
 
-    def __init__(self):
+    def __init__(self, cpu: bool = False):
         self.times: dict[str, float] = {}
+        self.cpu = cpu
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.times[f"timing/{name}"] = self.times.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
+            if self.cpu:
+                key = f"cpu_seconds/{name}"
+                self.times[key] = self.times.get(key, 0.0) + time.process_time() - c0
 
     def pop(self) -> dict[str, float]:
         out, self.times = self.times, {}
@@ -43,7 +50,7 @@ class MetricsLogger:
                 try:
                     row = json.loads(line)
                 except ValueError:  # a line cut short by a kill: that step is redone
-                    print(f"[megatron-rpp] {self.path}:{n}: dropping an incomplete row", file=sys.stderr)
+                    console.say(f"{console.PREFIX} {self.path}:{n}: dropping an incomplete row", err=True)
                     continue
                 if row["step"] <= resume_step:
                     self.history.append(row)
@@ -60,8 +67,11 @@ class MetricsLogger:
                 self._tb = None
 
     def log(self, step: int, metrics: dict) -> None:
+        """Append the row of ``step``; a row with an evaluation also prints its one-line summary."""
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
         self.history.append(row)
+        if "eval/reward_mean" in row:
+            console.say(eval_summary(row))
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -74,6 +84,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def eval_summary(row: dict) -> str:
+    """``[megatron-rpp] eval at step 6: reward 0.266, response length 5.3 tokens``."""
+    length = row.get("eval/response_length_mean")
+    tail = f", response length {length:.1f} tokens" if length is not None else ""
+    return f"{console.PREFIX} eval at step {row['step']}: reward {row['eval/reward_mean']:.3f}{tail}"
 
 
 def plot_rewards(history: list[dict], path: str | Path) -> bool:
@@ -102,24 +119,31 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
 
 
 class Progress:
-    """A tqdm bar with ETA and the last reward; a no-op when disabled."""
+    """A tqdm bar on the terminal (never run.log) with ETA, the last reward, KL and eval reward;
+    a no-op when disabled."""
 
     def __init__(self, total: int, enabled: bool = True, initial: int = 0):
         self._bar = None
+        self._post: dict[str, str] = {}
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc="REINFORCE++", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc="REINFORCE++", unit="step", dynamic_ncols=True,
+                             file=console.terminal())
 
     def update(self, metrics: dict) -> None:
+        """Advance one step; the postfix keeps the last eval reward until the next one."""
         if self._bar is None:
             return
-        post = {"reward": f"{metrics.get('reward/mean', float('nan')):.3f}"}
+        self._post["reward"] = f"{metrics.get('reward/mean', float('nan')):.3f}"
+        if "kl/mean" in metrics:
+            self._post["kl"] = f"{metrics['kl/mean']:.2g}"
         if "eval/reward_mean" in metrics:
-            post["eval"] = f"{metrics['eval/reward_mean']:.3f}"
-        self._bar.set_postfix(post)
+            self._post["eval"] = f"{metrics['eval/reward_mean']:.3f}"
+        self._bar.set_postfix(self._post)
         self._bar.update(1)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None

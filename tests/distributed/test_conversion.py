@@ -23,14 +23,21 @@ pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-# Every architecture, tied and untied, Llama-3 rope scaling, and KV-group padding (3 groups at tp=2).
-VERIFY_CASES = ["llama_rope_scaling", "llama_tied", "qwen2", "qwen3_tied", "llama_padded"]
-SAVE_CASE, SAVE_LAYOUT = "qwen2", (1, 2)  # a layout other than the converted one (2, 2); DP=2
+# Every architecture, tied and untied, Llama-3 rope scaling, KV-group padding (3 groups at tp=2),
+# odd vocabularies (509: 512 rows at tp 1 and 2; 383: 512 rows as converted at tp=2, 384 when
+# loaded at tp=1, re-padded through the HF layout), and Phi-3's fused projections (with both paddings).
+VERIFY_CASES = ["llama_rope_scaling", "llama_tied", "qwen2", "qwen3_tied", "llama_padded",
+                "llama_odd_vocab", "qwen2_odd_vocab", "qwen3_odd_vocab", "phi3", "phi3_padded"]
+# The padding and Phi-3 cases at TP=1 and TP=2 x PP=2 only (the others cover (2, 1) and (1, 2)).
+CASE_LAYOUTS = {c: LAYOUTS if i < 5 else [(1, 1), (2, 2)] for i, c in enumerate(VERIFY_CASES)}
+# Live saves at a layout other than the converted one (2, 2), DP=2; qwen3_odd_vocab is saved with
+# its tp=1 padding (384 rows) after loading the tp=2 checkpoint (512 rows).
+SAVE_CASES, SAVE_LAYOUT = ["qwen2", "qwen3_odd_vocab"], (1, 2)
 # fp32 on both sides; observed differences are ~1e-6 (reduction order across TP shards).
 TOLERANCE = 1e-4
 
 
-def _rank_all_layouts(ckpts: dict, input_ids, save_dir: str, hf_files: str, bf16_ckpt: str):
+def _rank_all_layouts(ckpts: dict, inputs: dict, save_root: str, hf_files: dict, bf16_ckpt: str):
     from megatron_rpp.checkpoint.convert import MegatronCheckpointReader
     from megatron_rpp.checkpoint.format import CheckpointError
     from megatron_rpp.checkpoint.live import load_megatron_checkpoint, save_megatron_checkpoint
@@ -40,15 +47,17 @@ def _rank_all_layouts(ckpts: dict, input_ids, save_dir: str, hf_files: str, bf16
 
     out = {}
     for case, ckpt in ckpts.items():
-        for tp, pp in LAYOUTS:
-            out[(case, tp, pp)] = megatron_logits_on_rank(ckpt, tp, pp, input_ids)
+        for tp, pp in CASE_LAYOUTS[case]:
+            out[(case, tp, pp)] = megatron_logits_on_rank(ckpt, tp, pp, inputs[case])
 
     tp, pp = SAVE_LAYOUT
     groups = initialize_parallel(tp, pp)
-    reader = MegatronCheckpointReader(ckpts[SAVE_CASE])
-    model = build_gpt_model(reader.base_spec.for_tp(tp), groups)
-    load_megatron_checkpoint(model, groups, ckpts[SAVE_CASE])
-    save_megatron_checkpoint(model, groups, save_dir, reader.meta.hf_config, hf_files_from=hf_files)
+    for case in SAVE_CASES:
+        reader = MegatronCheckpointReader(ckpts[case])
+        model = build_gpt_model(reader.base_spec.for_tp(tp), groups)
+        load_megatron_checkpoint(model, groups, ckpts[case])
+        save_megatron_checkpoint(model, groups, f"{save_root}/{case}", reader.meta.hf_config,
+                                 hf_files_from=hf_files[case])
 
     try:  # a bf16 checkpoint into an fp32 model is refused unless asked for
         load_megatron_checkpoint(model, groups, bf16_ckpt)
@@ -70,29 +79,35 @@ def converted(tmp_path_factory):
 
 def test_every_layout_matches_transformers_and_live_save_round_trips(converted):
     root, hf, mg = converted
-    input_ids = sample_tokens(512, 2, 32, seed=0)
+    # Random tokens over each model's whole (real) vocabulary.
+    inputs = {c: sample_tokens(case_config(c)["vocab_size"], 2, 32, seed=0) for c in VERIFY_CASES}
     bf16 = hf_to_megatron(hf["qwen2"], root / "qwen2-bf16", tp=1, pp=1, dtype="bf16")
     saved = root / "saved"
-    res = run_ranks(_rank_all_layouts, 4, {c: str(d) for c, d in mg.items()}, input_ids, str(saved),
-                    str(hf[SAVE_CASE]), str(bf16), timeout=900)
+    res = run_ranks(_rank_all_layouts, 4, {c: str(d) for c, d in mg.items()}, inputs, str(saved),
+                    {c: str(hf[c]) for c in SAVE_CASES}, str(bf16), timeout=1200)
 
     diffs = {}
     for case in VERIFY_CASES:
-        ref = hf_logits(hf[case], input_ids)
+        ref = hf_logits(hf[case], inputs[case])
         assert ref.abs().max() > 0.5  # logits of a real scale, not ~0
-        for tp, pp in LAYOUTS:
+        for tp, pp in CASE_LAYOUTS[case]:
             (mg_logits,) = [r[(case, tp, pp)] for r in res if r[(case, tp, pp)] is not None]
+            assert mg_logits.shape == ref.shape  # the vocabulary padding is not in the logits compared
             diffs[(case, tp, pp)] = float((mg_logits - ref).abs().max())
     print("max |logit diff| per (case, tp, pp):", json.dumps({str(k): v for k, v in diffs.items()}))
     bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
     assert not bad, bad
 
-    # The live save at (tp=1, pp=2, dp=2) exports to exactly the source HF weights.
-    back = megatron_to_hf(saved, root / "saved-hf")
-    src, out = load_file(hf[SAVE_CASE] / "model.safetensors"), load_file(back / "model.safetensors")
-    assert sorted(src) == sorted(out)
-    assert all(torch.equal(src[n], out[n]) for n in src)
-    assert (back / "generation_config.json").is_file()
+    # The live saves at (tp=1, pp=2, dp=2) export to exactly the source HF weights.
+    for case in SAVE_CASES:
+        meta = json.loads((saved / case / "megatron_checkpoint.json").read_text())
+        rows = {p["name"]: p["full_shape"][0] for p in meta["params"]}["embedding.word_embeddings.weight"]
+        assert rows == {"qwen2": 512, "qwen3_odd_vocab": 384}[case]  # tp=1: a multiple of 128 (383 -> 384)
+        back = megatron_to_hf(saved / case, root / f"saved-hf-{case}")
+        src, out = load_file(hf[case] / "model.safetensors"), load_file(back / "model.safetensors")
+        assert sorted(src) == sorted(out)
+        assert all(torch.equal(src[n], out[n]) for n in src), case
+        assert (back / "generation_config.json").is_file()
 
     assert "dtype mismatch" in res[0]["dtype_error"] and "bf16" in res[0]["dtype_error"]
 

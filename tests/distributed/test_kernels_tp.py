@@ -3,6 +3,11 @@
 Both backends (Triton under the interpreter) and both entry points (logits shard,
 fused linear) run in one 2-rank world. Labels sit in both shards and on the shard
 boundary (V/2 − 1 | V/2); one is the padding label −100.
+
+Vocabulary padding: the same V = 600 columns read as a padded vocabulary of REAL tokens
+(``vocab_size=REAL``) at TP=2 equal TP=1 on the first REAL columns alone, unpadded; with
+REAL = 450 rank 1 holds 150 real columns of 300, with REAL = 250 none (its shard is all
+padding). The padding columns / weight rows get exactly zero gradient.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ pytestmark = pytest.mark.distributed
 
 B, T, V, H = 2, 12, 600, 16
 TEMPERATURE = 0.8
+REALS = (450, 250)
 
 
 def _data():
@@ -61,15 +67,31 @@ def _run_all(rank: int, world: int, group) -> dict:
 
 
 def _run_backend(logits, labels, ref_log_probs, weights, hidden, out_weight, shard, group) -> dict:
-    """One backend's outputs and gradients (the backend is chosen by the environment)."""
-    x = logits[..., shard].clone().requires_grad_()
+    """One backend's outputs and gradients (the backend is chosen by the environment), plain and
+    with the vocabulary read as padded (``padded{REAL}``); world 1 also computes the unpadded
+    reference of each padded run (``real{REAL}``: the first REAL columns only, no vocab_size)."""
+    res = _entry_points(logits[..., shard], labels, ref_log_probs, weights, hidden, out_weight[shard], group)
+    world = 1 if group is None else dist.get_world_size(group)
+    for real in REALS:
+        padded_labels = labels.clone()
+        padded_labels.view(-1)[:6] = torch.tensor([0, real - 1, real, V - 1, -100, V // 2 - 1])  # ends, padding ids
+        res[f"padded{real}"] = _entry_points(logits[..., shard], padded_labels, ref_log_probs, weights, hidden,
+                                             out_weight[shard], group, vocab_size=real)
+        if world == 1:
+            res[f"real{real}"] = _entry_points(logits[..., :real], padded_labels, ref_log_probs, weights, hidden,
+                                               out_weight[:real], None)
+    return res
+
+
+def _entry_points(logits, labels, ref_log_probs, weights, hidden, out_weight, group, vocab_size=None) -> dict:
+    x = logits.clone().requires_grad_()
     out = vocab_parallel_log_probs_and_kl(x, labels, ref_log_probs, kl_estimator="k3", tp_group=group,
-                                          temperature=TEMPERATURE, with_entropy=True)
+                                          temperature=TEMPERATURE, with_entropy=True, vocab_size=vocab_size)
     _loss(out, weights).backward()
-    plain = vocab_parallel_log_probs(logits[..., shard], labels, tp_group=group, temperature=TEMPERATURE)
-    h, w = hidden.clone().requires_grad_(), out_weight[shard].clone().requires_grad_()
+    plain = vocab_parallel_log_probs(logits, labels, tp_group=group, temperature=TEMPERATURE, vocab_size=vocab_size)
+    h, w = hidden.clone().requires_grad_(), out_weight.clone().requires_grad_()
     lin = fused_linear_log_probs_and_kl(h, w, labels, ref_log_probs, kl_estimator="k2", tp_group=group,
-                                        temperature=TEMPERATURE, with_entropy=True)
+                                        temperature=TEMPERATURE, with_entropy=True, vocab_size=vocab_size)
     _loss(lin, weights).backward()
     return {
         "log_probs": out.log_probs.detach(), "entropy": out.entropy.detach(), "kl": out.kl.detach(),
@@ -84,18 +106,33 @@ def _tp_rank() -> dict:
     return _run_all(dist.get_rank(), dist.get_world_size(), group)
 
 
+REPLICATED = ("log_probs", "entropy", "kl", "plain", "lin_log_probs", "lin_entropy", "lin_kl", "grad_hidden")
+
+
+def _assert_tp_equals(ranks: list[dict], ref: dict, what: str, real: int | None = None) -> None:
+    """Every rank's replicated outputs equal ``ref``; the ranks' vocabulary shards of the
+    gradients concatenate to ``ref``'s (followed by zeros for the padding columns beyond ``real``)."""
+    for rank, got in enumerate(ranks):
+        for key in REPLICATED:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{what} rank {rank} {key}: {m}")
+    for key in ("grad_logits", "grad_weight"):  # vocabulary-sharded: the ranks' shards concatenate
+        dim = -1 if key == "grad_logits" else 0
+        full = torch.cat([got[key] for got in ranks], dim=dim)
+        if real is not None:
+            assert (full.narrow(dim, real, V - real) == 0).all(), f"{what} {key}: padding got a gradient"
+            full = full.narrow(dim, 0, real)
+        torch.testing.assert_close(full, ref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {key}: {m}")
+
+
 def test_tp2_equals_tp1():
     single = _run_all(0, 1, None)
     ranks = run_ranks(_tp_rank, 2)
     for backend, ref in single.items():
-        for rank, res in enumerate(ranks):
-            got = res[backend]
-            for key in ("log_probs", "entropy", "kl", "plain", "lin_log_probs", "lin_entropy", "lin_kl",
-                        "grad_hidden"):  # replicated on every rank
-                torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5,
-                                           msg=lambda m: f"{backend} rank {rank} {key}: {m}")
-        for key in ("grad_logits", "grad_weight"):  # vocabulary-sharded: the ranks' shards concatenate
-            dim = -1 if key == "grad_logits" else 0
-            full = torch.cat([res[backend][key] for res in ranks], dim=dim)
-            torch.testing.assert_close(full, ref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend} {key}: {m}")
+        _assert_tp_equals([res[backend] for res in ranks], ref, backend)
         assert ref["log_probs"].view(-1)[4] == 0 and ref["grad_logits"].abs().max() > 0
+        for real in REALS:  # padded at TP=2 == unpadded at TP=1 (and padded at TP=1)
+            unpadded = ref[f"real{real}"]
+            _assert_tp_equals([res[backend][f"padded{real}"] for res in ranks], unpadded, f"{backend} V={real}", real)
+            _assert_tp_equals([ref[f"padded{real}"]], unpadded, f"{backend} V={real} tp=1", real)
+            assert (unpadded["log_probs"].view(-1)[2:5] == 0).all()  # ids REAL, V − 1 and −100: not tokens

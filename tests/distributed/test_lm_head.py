@@ -26,13 +26,13 @@ def _both_paths(cfg, tp, pp):
     from megatron_rpp.models.lm_head import hidden_states_output, output_weight, response_log_probs
     from megatron_rpp.models.pipeline import MicroBatch, forward_backward
     from megatron_rpp.parallel.gather import gather_full_params
-    from megatron_rpp.trainer.batch import pad_sequences, take_response
+    from megatron_rpp.data.rollout_batch import RolloutBatch
 
     model, groups = build(cfg, tp, pp)
     g = torch.Generator().manual_seed(3)
-    seqs = [{"prompt_ids": torch.randint(3, cfg["vocab_size"], (p,), generator=g).tolist(),
-             "response_ids": torch.randint(3, cfg["vocab_size"], (r,), generator=g).tolist()} for p, r in SHAPES]
-    batch = pad_sequences(seqs)
+    batch = RolloutBatch.from_sequences([torch.randint(3, cfg["vocab_size"], (p,), generator=g).tolist() for p, _ in SHAPES],
+                                        [torch.randint(3, cfg["vocab_size"], (r,), generator=g).tolist() for _, r in SHAPES])
+    input_ids, resp_index = batch.model_inputs()
     w_lp, w_ent = torch.randn(batch.response_mask.shape, generator=g), torch.randn(batch.response_mask.shape, generator=g)
     tp_group = groups.tp_group if tp > 1 else None
     out = {}
@@ -40,22 +40,23 @@ def _both_paths(cfg, tp, pp):
 
         def loss_fn(output, mb):
             if fused:  # output: hidden states [B, S, H]
-                lp, ent = response_log_probs(output, output_weight(model), batch.input_ids, batch.resp_index,
+                lp, ent = response_log_probs(output, output_weight(model), input_ids, resp_index,
                                              batch.response_mask, tp_group=tp_group, temperature=TEMPERATURE,
                                              with_entropy=True)
-            else:  # output: logits [B, S, V/tp]
-                lp, ent = vocab_parallel_log_probs(output[:, :-1], batch.input_ids[:, 1:], tp_group=tp_group,
+            else:  # output: logits [B, S, V/tp]; the response positions picked by hand
+                lp, ent = vocab_parallel_log_probs(output[:, :-1], input_ids[:, 1:], tp_group=tp_group,
                                                    temperature=TEMPERATURE, with_entropy=True)
-                lp, ent = take_response(lp, batch), take_response(ent, batch)
+                lp, ent = (torch.nn.utils.rnn.pad_sequence([v[b, p - 1 : p - 1 + r] for b, (p, r) in enumerate(SHAPES)],
+                                                           batch_first=True) for v in (lp, ent))
             return (w_lp * lp + w_ent * ent).sum(), {"lp": lp.detach(), "ent": ent.detach(), "width": output.shape[-1]}
 
         model.zero_grad()
         with hidden_states_output(model) if fused else nullcontext():
-            aux = forward_backward(model, [MicroBatch(batch.input_ids)], loss_fn, groups, forward_only=False)
+            aux = forward_backward(model, [MicroBatch(input_ids)], loss_fn, groups, forward_only=False)
         out[fused] = {"aux": aux[0] if aux else None, "grads": gather_full_params(model, groups, grads=True)}
     # Outside the context manager the model returns logits again.
     with torch.no_grad():
-        logits = forward_backward(model, [MicroBatch(batch.input_ids)], lambda o, mb: (o.sum() * 0, {"w": o.shape[-1]}),
+        logits = forward_backward(model, [MicroBatch(input_ids)], lambda o, mb: (o.sum() * 0, {"w": o.shape[-1]}),
                                   groups, forward_only=True)
     out["width_after"] = logits[0]["w"] if logits else None
     out["mask"] = batch.response_mask

@@ -91,7 +91,7 @@ def test_reward_scores_match_transformers_at_tp2_and_pp2(reward_models):
         assert ref_seq.abs().max() > 0.3 and ref_seq.std() > 0.1  # real, distinct scores, not ~0
         for tp, pp in LAYOUTS:
             # Every TP-rank-0 of the last stage reports (one per DP replica); all must agree.
-            seq = [torch.tensor(r[("seq", family, tp, pp)]) for r in res if r[("seq", family, tp, pp)] is not None]
+            seq = [r[("seq", family, tp, pp)] for r in res if r[("seq", family, tp, pp)] is not None]
             assert len(seq) == 4 // (tp * pp)
             (pos,) = [r[("pos", family, tp, pp)] for r in res if r[("pos", family, tp, pp)] is not None]
             assert pos.shape == ref_pos.shape == (2, 32, 1)

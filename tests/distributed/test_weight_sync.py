@@ -10,6 +10,9 @@ stale weights (before the second sync) and on a broken mapping (gate/up swapped)
 
 Cases are combined per spawn: vLLM import + engine start dominate the runtime. One
 case runs the rollout engine itself at TP=2 (vLLM's external launcher in the ranks' world).
+Phi-3 (fused qkv_proj / gate_up_proj on the HF side) and odd vocabularies (509 tokens: 512
+Megatron rows, the padding stripped before the engine) run like the others, and the names
+and shapes the sync hands the engine must be exactly those of transformers' own model.
 """
 from __future__ import annotations
 
@@ -42,20 +45,22 @@ class SwappedGateUp(Llama):
         return pieces
 
 
-def _sgd_step(model, groups, cfg, lr: float) -> None:
-    """One plain SGD step on loss = Σ logits ⊙ probe (every parameter gets a gradient)."""
+def _sgd_step(model, groups, spec, lr: float) -> None:
+    """One plain SGD step on loss = Σ logits ⊙ probe (every parameter gets a gradient; the
+    vocabulary padding's columns of the probe are 0, as the masked kernels' gradient is)."""
     import torch.distributed as dist
 
     from megatron_rpp.models.pipeline import MicroBatch, forward_backward
 
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg["vocab_size"], (2, 16), generator=g)
-    probe = torch.randn(2, 16, cfg["vocab_size"], generator=g) / 32
-    shard = cfg["vocab_size"] // groups.tp_size
+    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=g)
+    probe = torch.randn(2, 16, spec.megatron_vocab_size, generator=g) / 32
+    probe[..., spec.vocab_size:] = 0
+    shard = spec.megatron_vocab_size // groups.tp_size
     probe = probe[..., groups.tp_rank * shard:(groups.tp_rank + 1) * shard]
     model.zero_grad(set_to_none=False)
     forward_backward(model, [MicroBatch(tokens)], lambda logits, mb: ((logits * probe).sum(), {}), groups, forward_only=False)
-    if cfg["tie_word_embeddings"] and groups.pp_size > 1:
+    if spec.tie_word_embeddings and groups.pp_size > 1:
         # Megatron's DDP would all-reduce the tied embedding's gradient between the first
         # and the last stage (the pipeline group when PP = 2); plain SGD must do it here.
         shared = model.shared_embedding_or_output_weight()
@@ -80,24 +85,28 @@ def _case(cfg: dict, tp: int, pp: int, workdir: str, *, broken_mapping: bool, en
         trainer_sequence_log_probs,
     )
     from megatron_rpp.rollout.vllm_engine import VllmEngine
-    from megatron_rpp.rollout.weight_sync import sync_weights
+    from megatron_rpp.rollout.weight_sync import iter_hf_tensors, sync_weights
 
     model, groups = build(cfg, tp, pp)
     arch = architecture_for_config(cfg)
-    spec = arch.model_spec(cfg)
-    out: dict = {"arch": cfg["architectures"][0], "tied": cfg["tie_word_embeddings"], "engine_tp": engine_tp}
+    spec = arch.model_spec(cfg).for_tp(tp)
+    out: dict = {"arch": cfg["architectures"][0], "tied": cfg["tie_word_embeddings"], "engine_tp": engine_tp,
+                 "vocab": cfg["vocab_size"]}
     engine = VllmEngine.from_hf_config(
-        cfg, f"{workdir}/{out['arch']}-{out['tied']}-rank{dist.get_rank()}",
+        cfg, f"{workdir}/{out['arch']}-{out['tied']}-{out['vocab']}-rank{dist.get_rank()}",
         dtype=torch.float32, seed=0, max_model_len=128, max_num_seqs=16, tensor_parallel_size=engine_tp,
     )
     try:
+        # What the engine is handed: names and shapes (compared with transformers' model by the test).
+        out["hf_shapes"] = {n: tuple(t.shape) for n, t in iter_hf_tensors(model, groups, spec, arch,
+                                                                          dtype=torch.float32, bucket_bytes=BUCKET)}
         sync_weights(model, groups, spec, arch, engine, bucket_bytes=BUCKET)
         # A fixed set of sampled sequences (same seed on every rank -> same sequences).
         sampling = SamplingConfig(temperature=TEMPERATURE, max_tokens=10, n=2, seed=7)
         fixed = [PROMPTS[r.prompt_index] + r.token_ids for r in engine.generate(PROMPTS, sampling)]
         before = trainer_sequence_log_probs(model, groups, fixed)
 
-        _sgd_step(model, groups, cfg, lr=0.5)
+        _sgd_step(model, groups, spec, lr=0.5)
         after = trainer_sequence_log_probs(model, groups, fixed)
         out["step_changed_log_probs"] = _max_gap(before, after)
         probe = probe_sequences(cfg["vocab_size"], num=3, length=24)
@@ -145,22 +154,41 @@ CASES = {
         (tiny_config("llama", tied=False), True, 1),
         (tiny_config("llama", tied=True), False, 1),
         (tiny_config("qwen2", tied=False), False, 2),
+        (tiny_config("phi3", tied=False), False, 1),
+        (tiny_config("qwen2", tied=False, vocab_size=509), False, 1),  # rank 1: 253 real columns of 256
     ],
     "pp2": [
         (tiny_config("llama", tied=False), False, 1),
         (tiny_config("llama", tied=True), True, 1),
         (tiny_config("qwen2", tied=False), False, 1),
+        (tiny_config("llama", tied=True, vocab_size=509), False, 1),  # the last stage's tied copy is padded too
     ],
 }
+
+
+def _transformers_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of transformers' own model for ``cfg`` (the engine's HF layout)."""
+    import transformers
+
+    cfg = dict(cfg)
+    hf_cfg = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if cfg["tie_word_embeddings"]:
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_sync_after_optimizer_step_matches_megatron(tp, pp, tmp_path):
     cases = CASES["tp2" if tp == 2 else "pp2"]
-    per_rank = run_ranks(_cases, tp * pp, cases, tp, pp, str(tmp_path), timeout=600)
+    per_rank = run_ranks(_cases, tp * pp, cases, tp, pp, str(tmp_path), timeout=900)
     for rank, results in enumerate(per_rank):
-        for res in results:
-            what = f"rank {rank} {res['arch']} tied={res['tied']} tp={tp} pp={pp} engine_tp={res['engine_tp']}"
+        for (cfg, _, _), res in zip(cases, results):
+            what = (f"rank {rank} {res['arch']} tied={res['tied']} vocab={res['vocab']} tp={tp} pp={pp} "
+                    f"engine_tp={res['engine_tp']}")
+            assert res["hf_shapes"] == _transformers_shapes(cfg), what
             assert res["step_changed_log_probs"] > 1e-2, what  # the step really moved the policy
             assert res["stale_caught"], f"{what}: the self-check missed stale weights"
             assert res["fixed_gap"] <= TOL, f"{what}: fixed sequences {res['fixed_gap']:.3g}"

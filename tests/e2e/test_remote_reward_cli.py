@@ -83,12 +83,18 @@ def test_remote_reward_survives_a_failing_request_and_stops_when_the_server_is_g
     assert all(math.isfinite(r["reward/mean"]) for r in rows[1:])
 
     # The server is gone: the start-up check stops the run before any model or engine is built.
-    run = _train(tmp_path / "down", server.url, "trainer.steps=1", "reward.remote_max_retries=1")
+    run = _train(tmp_path / "down", server.url, "trainer.steps=1", "reward.remote_max_retries=1",
+                 "reward.remote_timeout_s=60")
     assert run.returncode != 0
     assert (f"RewardError: remote reward {server.url}: cannot connect to 127.0.0.1:{urlsplit(server.url).port} after 2 attempts"
             in run.stderr)
     assert "Connection refused" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "down" / "run" / "metrics.jsonl").exists()
+    # No model or engine was built: nothing of vLLM's or Megatron's reached the run's log.
+    log = (tmp_path / "down" / "run" / "run.log").read_text()
+    assert "RewardError" in log and "vllm" not in log and "megatron.core" not in log, log[-3000:]
     stop_s = run.seconds_after(f"remote reward {server.url}: attempt 1/2 for the start-up check")
     print(f"\ndead endpoint: the run exited {stop_s:.1f} s after the first failed attempt ({run.wall_s:.1f} s in all)")
-    assert stop_s < 10  # 1 s backoff, a refused retry, exit: no engine to tear down
+    # 1 s backoff, a refused retry, exit (~1.5 s): far below one 60 s request timeout, and 20x
+    # margin for a loaded machine.
+    assert stop_s < 30

@@ -11,7 +11,7 @@ def build(cfg: dict, tp: int, pp: int, *, seed: int = 1234, dtype=torch.float32)
     from megatron_rpp.parallel.groups import initialize_parallel
 
     groups = initialize_parallel(tp, pp, seed=seed)
-    spec = architecture_for_config(cfg).model_spec(cfg)
+    spec = architecture_for_config(cfg).model_spec(cfg).for_tp(tp)  # padded as a trainer builds it
     return build_gpt_model(spec, groups, dtype=dtype), groups
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 from testlib.tiny_models import tiny_config
 
 #: name -> tiny_config arguments. "llama_padded" has 6 heads in 3 KV groups: TP=2 pads KV
-#: groups (like SmolLM2's 9 heads / 3 groups).
+#: groups (like SmolLM2's 9 heads / 3 groups). "*_odd_vocab": vocabularies no TP divides,
+#: padded by ModelSpec.for_tp (509 -> 512 at TP 1 and 2; 383 -> 384 at TP=1, 512 at TP=2).
+#: "phi3_padded": Phi-3's fused layout with KV-group and vocabulary padding at once.
 CASES = {
     "llama": dict(arch="llama", tied=False),
     "llama_tied": dict(arch="llama", tied=True),
@@ -16,6 +18,11 @@ CASES = {
     "qwen3": dict(arch="qwen3", tied=False),
     "qwen3_tied": dict(arch="qwen3", tied=True),
     "llama_padded": dict(arch="llama", tied=True, heads=(6, 3)),
+    "llama_odd_vocab": dict(arch="llama", tied=False, vocab_size=509),
+    "qwen2_odd_vocab": dict(arch="qwen2", tied=True, vocab_size=509),
+    "qwen3_odd_vocab": dict(arch="qwen3", tied=False, vocab_size=383),
+    "phi3": dict(arch="phi3", tied=False),
+    "phi3_padded": dict(arch="phi3", tied=False, heads=(6, 3), vocab_size=383),
 }
 
 

@@ -53,12 +53,25 @@ def tiny_qwen3(*, tied: bool = False) -> dict:
     return cfg
 
 
+def tiny_phi3(*, tied: bool = False) -> dict:
+    """Phi-3: fused qkv_proj / gate_up_proj; head_dim is hidden_size / heads (64 here)."""
+    cfg = _base("Phi3ForCausalLM", tied=tied, model_type="phi3")
+    cfg.update(pad_token_id=None, sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    return cfg
+
+
 TINY_CONFIGS = {
     "llama": tiny_llama,
     "qwen2": tiny_qwen2,
     "qwen3": tiny_qwen3,
+    "phi3": tiny_phi3,
 }
 
 
-def tiny_config(name: str, **kw) -> dict:
-    return copy.deepcopy(TINY_CONFIGS[name](**kw))
+def tiny_config(name: str, *, vocab_size: int | None = None, **kw) -> dict:
+    """A tiny config of family ``name``; ``vocab_size`` replaces the default 512 (e.g. an odd 509
+    that no TP size divides: the Megatron model then pads its vocabulary)."""
+    cfg = copy.deepcopy(TINY_CONFIGS[name](**kw))
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
+    return cfg

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", required=True, help="HF model folder (config.json + model.safetensors or an indexed set of shards)")
     ap.add_argument("--output-dir", required=True, help="Megatron checkpoint folder to create (must not exist unless --overwrite)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for (default 1); must divide vocab_size and intermediate_size; KV groups are zero-padded when it does not divide them")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for (default 1); must divide intermediate_size; KV groups are zero-padded when it does not divide them, the vocabulary to a multiple of 128 x tp")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1); must divide num_hidden_layers")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the stored weights (default: the source dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir (only once the new checkpoint is complete)")

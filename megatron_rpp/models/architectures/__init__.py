@@ -1,15 +1,22 @@
-"""One module per HF architecture, registered by its ``architectures[0]`` name.
+"""One module per HF architecture family, registered by its ``architectures[0]`` name.
 
     from megatron_rpp.models.architectures import get_architecture
     arch = get_architecture("LlamaForCausalLM")
     spec = arch.model_spec(hf_config)
+    table = arch.param_table(spec.for_tp(tp))
+
+Every module of this package is imported here, and importing a module registers its
+architectures: adding a model family is adding one file (see ``phi3.py``).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from megatron_rpp.models.architectures.base import ARCHITECTURES, Architecture
 
-# Importing the modules registers them.
-from megatron_rpp.models.architectures import llama, qwen2, qwen3, sequence_classification  # noqa: E402,F401
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def get_architecture(name: str) -> Architecture:

@@ -36,9 +36,8 @@ KL_TOKEN = t64([[0.2, 0.4, 0.6], [1.0, 0.2, 9.9]])  # 9.9 sits on padding: ignor
 def test_reinforce_pp_token_rewards_and_returns_gamma_1():
     # kl_coef = 0.5: R0 = [−0.1, −0.2, −0.3 + 1.0] = [−0.1, −0.2, 0.7]  -> G0 = [0.4, 0.5, 0.7]
     #                R1 = [−0.5, −0.1 + (−0.5), 0] = [−0.5, −0.6, 0]     -> G1 = [−1.1, −0.6, 0]
-    out = compute_advantages(
-        "reinforce_pp", rewards=KL_REWARDS, response_mask=KL_MASK, token_kl=KL_TOKEN, kl_coef=0.5, whiten="none"
-    )
+    cfg = AdvantageConfig("reinforce_pp", kl_coef=0.5, whiten="none")
+    out = compute_advantages(KL_REWARDS, KL_MASK, cfg, token_kl=KL_TOKEN)
     assert_close(out.token_rewards, [[-0.1, -0.2, 0.7], [-0.5, -0.6, 0.0]])
     assert_close(out.returns, [[0.4, 0.5, 0.7], [-1.1, -0.6, 0.0]])
     assert_close(out.advantages, out.returns)
@@ -48,10 +47,8 @@ def test_reinforce_pp_token_rewards_and_returns_gamma_1():
 def test_reinforce_pp_gamma_half():
     # G0: t2 = 0.7; t1 = −0.2 + 0.5·0.7 = 0.15; t0 = −0.1 + 0.5·0.15 = −0.025
     # G1: t1 = −0.6; t0 = −0.5 + 0.5·(−0.6) = −0.8
-    adv, ret = compute_advantages(
-        "reinforce_pp", rewards=KL_REWARDS, response_mask=KL_MASK, token_kl=KL_TOKEN, kl_coef=0.5,
-        gamma=0.5, whiten="none",
-    )
+    cfg = AdvantageConfig("reinforce_pp", kl_coef=0.5, gamma=0.5, whiten="none")
+    adv, ret = compute_advantages(KL_REWARDS, KL_MASK, cfg, token_kl=KL_TOKEN)
     assert_close(ret, [[-0.025, 0.15, 0.7], [-0.8, -0.6, 0.0]])
     assert_close(adv, ret)
 
@@ -82,7 +79,7 @@ G_MASK = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0], [0, 0]])
 
 
 def _group(estimator, **kw):
-    return compute_advantages(estimator, rewards=G_REWARDS, response_mask=G_MASK, group_index=G_INDEX, **kw)
+    return compute_advantages(G_REWARDS, G_MASK, AdvantageConfig(estimator, **kw), group_index=G_INDEX)
 
 
 def _on_tokens(per_seq):
@@ -132,12 +129,10 @@ def test_grpo():
 def test_reward_clip():
     # shaped rewards 25, −30, 3 are clipped to ±10 before they become token rewards
     mask = torch.ones(3, 1)
-    out = compute_advantages("reinforce_pp", rewards=t64([25.0, -30.0, 3.0]), response_mask=mask, whiten="none")
+    out = compute_advantages(t64([25.0, -30.0, 3.0]), mask, AdvantageConfig(whiten="none"))
     assert_close(out.shaped_rewards, [10.0, -10.0, 3.0])
     assert_close(out.advantages, [[10.0], [-10.0], [3.0]])
-    out = compute_advantages(
-        "reinforce_pp", rewards=t64([25.0, -30.0, 3.0]), response_mask=mask, whiten="none", reward_clip=2.0
-    )
+    out = compute_advantages(t64([25.0, -30.0, 3.0]), mask, AdvantageConfig(whiten="none", reward_clip=2.0))
     assert_close(out.advantages, [[2.0], [-2.0], [2.0]])
 
 
@@ -152,9 +147,8 @@ def test_gae_hand_worked_with_hole():
     # returns = A + V on response tokens.
     values = t64([[0.5, 0.4, 0.3], [0.5, 99.0, 0.3]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 1]])
-    out = compute_advantages(
-        "gae", rewards=t64([1.0, 1.0]), response_mask=mask, values=values, gamma=0.9, lam=0.8, whiten="none"
-    )
+    cfg = AdvantageConfig("gae", gamma=0.9, lam=0.8, whiten="none")
+    out = compute_advantages(t64([1.0, 1.0]), mask, cfg, values=values)
     assert_close(out.advantages, [[0.12928, 0.374, 0.7], [0.274, 0.0, 0.7]])
     assert_close(out.returns, [[0.62928, 0.774, 1.0], [0.774, 0.0, 1.0]])
     # default whitening for gae is "token"; returns are computed before it
@@ -183,7 +177,7 @@ def test_discounted_returns_skip_holes():
 def test_last_token_is_last_mask_one():
     # the reward lands on the last position where the mask is 1, even after a hole
     mask = torch.tensor([[1, 1, 0, 1, 0]])
-    out = compute_advantages("reinforce_pp", rewards=t64([2.0]), response_mask=mask, whiten="none")
+    out = compute_advantages(t64([2.0]), mask, AdvantageConfig(whiten="none"))
     assert_close(out.token_rewards, [[0.0, 0.0, 0.0, 2.0, 0.0]])
     assert_close(out.returns, [[2.0, 2.0, 0.0, 2.0, 0.0]])
 
@@ -318,9 +312,8 @@ def test_whitened_mean_zero_std_one(estimator):
 def test_all_equal_rewards_no_nan(estimator, whiten_mode):
     rewards = t64([0.5, 0.5, 0.5, 1.0, 1.0])
     mask = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [1, 1]])
-    out = compute_advantages(
-        estimator, rewards=rewards, response_mask=mask, group_index=torch.tensor([0, 0, 0, 1, 1]), whiten=whiten_mode
-    )
+    cfg = AdvantageConfig(estimator, whiten=whiten_mode)
+    out = compute_advantages(rewards, mask, cfg, group_index=torch.tensor([0, 0, 0, 1, 1]))
     assert torch.isfinite(out.advantages).all()
     if estimator != "reinforce_pp":
         assert (out.advantages == 0).all()  # no signal in a group that agrees
@@ -328,9 +321,9 @@ def test_all_equal_rewards_no_nan(estimator, whiten_mode):
 
 def test_zero_variance_whitening_and_empty_batch():
     mask = torch.tensor([[1, 1], [1, 0]])
-    out = compute_advantages("reinforce_pp", rewards=t64([2.0, 2.0]), response_mask=mask)
+    out = compute_advantages(t64([2.0, 2.0]), mask, AdvantageConfig())
     assert (out.advantages == 0).all()  # (2 − 2)/sqrt(1e-8) = 0, not NaN
-    empty = compute_advantages("reinforce_pp", rewards=t64([1.0, -1.0]), response_mask=torch.zeros(2, 3))
+    empty = compute_advantages(t64([1.0, -1.0]), torch.zeros(2, 3), AdvantageConfig())
     assert (empty.advantages == 0).all() and (empty.returns == 0).all()
     assert_close(empty.shaped_rewards, [1.0, -1.0])
 
@@ -346,24 +339,14 @@ def test_float32_and_bool_mask():
 
 def test_no_autograd_graph():
     rewards = t64([1.0, 2.0]).requires_grad_()
-    out = compute_advantages("reinforce_pp", rewards=rewards, response_mask=torch.ones(2, 2))
+    out = compute_advantages(rewards, torch.ones(2, 2), AdvantageConfig())
     assert not out.advantages.requires_grad
-
-
-def test_two_call_styles_agree():
-    rewards, mask, group_index, token_kl, _ = random_batch(6)
-    kw = dict(kl_coef=0.02, reward_clip=3.0, whiten="mean")
-    a1, r1 = compute_advantages(
-        "rloo", rewards=rewards, response_mask=mask, group_index=group_index, token_kl=token_kl, **kw
-    )
-    out = compute_advantages(rewards, mask, AdvantageConfig("rloo", **kw), group_index=group_index, token_kl=token_kl)
-    assert torch.equal(a1, out.advantages) and torch.equal(r1, out.returns)
 
 
 def test_plugin_estimator_from_file(tmp_path):
     f = tmp_path / "my_est.py"
     f.write_text("def doubled(rewards, group_index, cfg):\n    return 2 * rewards\n")
-    out = compute_advantages(f"{f}:doubled", rewards=t64([1.0, -2.0]), response_mask=torch.ones(2, 1), whiten="none")
+    out = compute_advantages(t64([1.0, -2.0]), torch.ones(2, 1), AdvantageConfig(f"{f}:doubled", whiten="none"))
     assert_close(out.advantages, [[2.0], [-4.0]])
 
 
@@ -403,14 +386,16 @@ def test_default_whitening_per_estimator():
             "AdvantageConfig.estimator: unknown advantage estimator 'nope'; "
             "valid names: dr_grpo, gae, grpo, reinforce_pp, reinforce_pp_baseline, rloo",
         ),
-        (dict(gamma=0.0), r"AdvantageConfig.gamma must be a number in \(0.0, 1.0\]"),
-        (dict(gamma=1.5), "AdvantageConfig.gamma"),
-        (dict(lam=-0.1), "AdvantageConfig.lam"),
-        (dict(kl_coef=-1.0), "AdvantageConfig.kl_coef"),
-        (dict(reward_clip=0.0), "AdvantageConfig.reward_clip"),
-        (dict(grpo_eps=0.0), "AdvantageConfig.grpo_eps"),
-        (dict(whiten="batch"), r"AdvantageConfig.whiten must be one of \['token', 'mean', 'none'\]"),
-        (dict(estimator="grpo", gamma=0.99), "AdvantageConfig.gamma must be 1.0 for the group estimator 'grpo'"),
+        (dict(gamma=0.0), r"AdvantageConfig.gamma: must be a number in \(0, 1\], got 0.0"),
+        (dict(gamma=1.5), r"AdvantageConfig.gamma: must be a number in \(0, 1\], got 1.5"),
+        (dict(gamma=float("nan")), r"AdvantageConfig.gamma: must be a number in \(0, 1\], got nan"),
+        (dict(lam=-0.1), r"AdvantageConfig.lam: must be a number in \[0, 1\]"),
+        (dict(kl_coef=-1.0), "AdvantageConfig.kl_coef: must be a finite number >= 0"),
+        (dict(kl_coef=math.inf), "AdvantageConfig.kl_coef: must be a finite number >= 0"),
+        (dict(reward_clip=0.0), r"AdvantageConfig.reward_clip: must be a number > 0 \(inf allowed\)"),
+        (dict(grpo_eps=0.0), "AdvantageConfig.grpo_eps: must be a finite number > 0"),
+        (dict(whiten="batch"), r"AdvantageConfig.whiten: must be one of \['token', 'mean', 'none'\]"),
+        (dict(estimator="grpo", gamma=0.99), "AdvantageConfig.gamma: must be 1.0 for the group estimator 'grpo'"),
     ],
 )
 def test_config_errors(kw, match):
@@ -419,41 +404,39 @@ def test_config_errors(kw, match):
 
 
 def test_input_errors():
-    r, m = t64([1.0, 2.0]), torch.ones(2, 3)
+    r, m, cfg = t64([1.0, 2.0]), torch.ones(2, 3), AdvantageConfig()
     with pytest.raises(ValueError, match=r"response_mask must have shape \[B=2, T\]"):
-        compute_advantages("reinforce_pp", rewards=r, response_mask=torch.ones(3, 3))
+        compute_advantages(r, torch.ones(3, 3), cfg)
     with pytest.raises(ValueError, match=r"rewards must have shape \[B\]"):
-        compute_advantages("reinforce_pp", rewards=r.view(2, 1), response_mask=m)
+        compute_advantages(r.view(2, 1), m, cfg)
     with pytest.raises(ValueError, match="response_mask must contain only 0 and 1"):
-        compute_advantages("reinforce_pp", rewards=r, response_mask=m * 2)
+        compute_advantages(r, m * 2, cfg)
     with pytest.raises(ValueError, match="response_mask must contain only 0 and 1"):
-        compute_advantages("reinforce_pp", rewards=r, response_mask=m * 0.5)
+        compute_advantages(r, m * 0.5, cfg)
     with pytest.raises(ValueError, match="response_mask must have 2 dimensions"):
-        compute_advantages("reinforce_pp", rewards=r, response_mask=torch.ones(2))
+        compute_advantages(r, torch.ones(2), cfg)
     with pytest.raises(ValueError, match=r"token_kl must have shape \[2, 3\]"):
-        compute_advantages("reinforce_pp", rewards=r, response_mask=m, token_kl=torch.zeros(2, 4), kl_coef=0.1)
+        compute_advantages(r, m, AdvantageConfig(kl_coef=0.1), token_kl=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="kl_coef=0.1 needs token_kl"):
-        compute_advantages("reinforce_pp", rewards=r, response_mask=m, kl_coef=0.1)
+        compute_advantages(r, m, AdvantageConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="'grpo' needs group_index"):
-        compute_advantages("grpo", rewards=r, response_mask=m)
+        compute_advantages(r, m, AdvantageConfig("grpo"))
     with pytest.raises(ValueError, match="groups of one: \\[5\\]"):
-        compute_advantages(
-            "rloo", rewards=t64([1.0, 2.0, 3.0]), response_mask=torch.ones(3, 1), group_index=torch.tensor([4, 4, 5])
-        )
+        compute_advantages(t64([1.0, 2.0, 3.0]), torch.ones(3, 1), AdvantageConfig("rloo"),
+                           group_index=torch.tensor([4, 4, 5]))
     with pytest.raises(TypeError, match="group_index must be an integer tensor"):
-        compute_advantages("grpo", rewards=r, response_mask=m, group_index=torch.zeros(2))
+        compute_advantages(r, m, AdvantageConfig("grpo"), group_index=torch.zeros(2))
     with pytest.raises(ValueError, match="'gae' needs values"):
-        compute_advantages("gae", rewards=r, response_mask=m)
+        compute_advantages(r, m, AdvantageConfig("gae"))
     with pytest.raises(ValueError, match=r"values must have shape \[2, 3\]"):
-        compute_advantages("gae", rewards=r, response_mask=m, values=torch.zeros(2, 2))
-    with pytest.raises(TypeError, match="either cfg or hyperparameter keywords"):
-        compute_advantages(r, m, AdvantageConfig(), gamma=0.9)
+        compute_advantages(r, m, AdvantageConfig("gae"), values=torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="cfg must be an AdvantageConfig"):
+        compute_advantages(r, m, {"gamma": 0.9})
 
 
-def test_all_keyword_cfg_style():
+def test_keyword_cfg_style():
     r, m = t64([1.0, 3.0]), torch.ones(2, 2)
     a = compute_advantages(rewards=r, response_mask=m, cfg=AdvantageConfig(whiten="none"))
     b = compute_advantages(r, m, AdvantageConfig(whiten="none"))
-    c = compute_advantages(rewards=r, response_mask=m, whiten="none")  # AdvantageConfig defaults otherwise
-    assert torch.equal(a.advantages, b.advantages) and torch.equal(a.advantages, c.advantages)
+    assert torch.equal(a.advantages, b.advantages)
     assert_close(a.advantages, [[1.0, 1.0], [3.0, 3.0]])

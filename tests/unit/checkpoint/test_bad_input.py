@@ -35,6 +35,14 @@ def _copy_hf(src: Path, dst: Path, **config_changes) -> Path:
     return dst
 
 
+def _copy_megatron(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            dst.joinpath(p.name).write_bytes(p.read_bytes())
+    return dst
+
+
 def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
 
@@ -84,12 +92,30 @@ def test_unsupported_architecture(hf_dir, tmp_path):
 
 
 def test_tp_pp_that_do_not_divide(hf_dir, tmp_path):
-    # vocab 512, intermediate 512, 4 layers: tp=3 divides neither; KV groups would be padded.
-    with pytest.raises(CheckpointError, match="vocab_size=512 is not divisible by tensor_parallel_size=3"):
+    # intermediate 512, 4 layers: tp=3 does not divide the ffn; KV groups and the vocabulary would be padded.
+    with pytest.raises(CheckpointError, match="intermediate_size=512 is not divisible by tensor_parallel_size=3"):
         hf_to_megatron(hf_dir, tmp_path / "out", tp=3, pp=1)
     with pytest.raises(CheckpointError, match="num_hidden_layers=4 is not divisible by pipeline_parallel_size=3"):
         hf_to_megatron(hf_dir, tmp_path / "out", tp=1, pp=3)
     assert _leftovers(tmp_path) == []
+
+
+def test_weights_that_do_not_fit_the_config(hf_dir, tmp_path):
+    # config says 500 tokens, the embedding has 512 rows: named, before anything is published.
+    bad = _copy_hf(hf_dir, tmp_path / "vocab", vocab_size=500)
+    with pytest.raises(CheckpointError, match="embedding.word_embeddings.weight.*512 rows, config vocab_size is 500"):
+        hf_to_megatron(bad, tmp_path / "out", tp=2, pp=1)
+    assert _leftovers(tmp_path) == ["vocab"]
+
+
+def test_metadata_that_disagrees_with_the_parameter_table(mg_dir, tmp_path):
+    bad = _copy_megatron(mg_dir, tmp_path / "ckpt")
+    meta = json.loads((bad / METADATA_FILE).read_text())
+    (qkv,) = [p for p in meta["params"] if p["name"] == "decoder.layers.0.self_attention.linear_qkv.weight"]
+    qkv["partition_dim"] = 1  # column-parallel (dim 0) in Megatron and in the table
+    (bad / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="metadata says .*parameter table"):
+        MegatronCheckpointReader(bad)
 
 
 def test_failed_conversion_leaves_nothing(hf_dir, tmp_path):
@@ -105,11 +131,7 @@ def test_failed_conversion_leaves_nothing(hf_dir, tmp_path):
 
 
 def test_incomplete_or_damaged_megatron_checkpoint(mg_dir, tmp_path):
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    for p in mg_dir.iterdir():
-        if p.is_file():
-            bad.joinpath(p.name).write_bytes(p.read_bytes())
+    bad = _copy_megatron(mg_dir, tmp_path / "ckpt")
     f = bad / shard_file_name(1, 1)
     f.write_bytes(f.read_bytes()[:-8])
     with pytest.raises(CheckpointError, match="model-tp01-pp01.safetensors is .* bytes, metadata says"):
@@ -124,11 +146,7 @@ def test_incomplete_or_damaged_megatron_checkpoint(mg_dir, tmp_path):
 
 
 def test_dtype_mismatch_in_shard_file(mg_dir, tmp_path):
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    for p in mg_dir.iterdir():
-        if p.is_file():
-            bad.joinpath(p.name).write_bytes(p.read_bytes())
+    bad = _copy_megatron(mg_dir, tmp_path / "ckpt")
     meta = json.loads((bad / METADATA_FILE).read_text())
     meta["dtype"] = "bf16"
     (bad / METADATA_FILE).write_text(json.dumps(meta))

@@ -12,7 +12,9 @@ from megatron_rpp.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_rpp.checkpoint.format import CheckpointError, shard_file_name
 from megatron_rpp.config import ConfigError, load_config
 from megatron_rpp.models.architectures import architecture_for_config
-from megatron_rpp.models.reward_model import last_token_scores, normalize_scores
+from megatron_rpp.data.rollout_batch import RolloutBatch
+from megatron_rpp.models.reward_model import normalize_scores
+from megatron_rpp.models.scoring import last_token_head
 from megatron_rpp.models.spec import UnsupportedConfigError
 from testlib.tiny_checkpoints import reward_model_config, save_tiny_reward_model
 
@@ -57,20 +59,22 @@ def test_more_than_one_label_is_an_error_naming_it(tmp_path, labels):
         hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=1, pp=1)
 
 
-def test_last_token_scores_picks_each_sequences_last_real_token():
-    # Sequence 0 has 3 tokens, sequence 1 has 1: scores at positions 2 and 0.
+def test_last_token_head_picks_each_sequences_last_real_token():
+    # Sequence 0 is 2 prompt + 1 response tokens, sequence 1 one prompt token: scores at positions 2 and 0.
+    batch = RolloutBatch.from_sequences([[5, 6], [7]], [[8], []])
     scores = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0]]).unsqueeze(-1)  # [B=2, S=4, 1]
-    assert last_token_scores(scores, torch.tensor([3, 1])).tolist() == pytest.approx([0.3, 0.5])
+    ids, resp_index = batch.model_inputs()
+    assert last_token_head(scores, batch, ids, resp_index).tolist() == pytest.approx([0.3, 0.5])
 
 
 def test_static_normalisation():
     # (score - mean) / std with mean 1, std 2: 3 -> 1, -1 -> -1, 1 -> 0.
-    assert normalize_scores([3.0, -1.0, 1.0], mean=1.0, std=2.0) == [1.0, -1.0, 0.0]
+    assert normalize_scores(torch.tensor([3.0, -1.0, 1.0]), mean=1.0, std=2.0).tolist() == [1.0, -1.0, 0.0]
 
 
 @pytest.mark.parametrize(
     "overrides,message",
-    [(["reward.model_std=0"], "reward.model_std: must be > 0"),
+    [(["reward.model_std=0"], "reward.model_std: must be a finite number > 0"),
      (["reward.model_dir=/rm", "reward.remote_url=http://x"], "reward.model_dir: cannot be combined")],
 )
 def test_reward_model_config_errors_name_the_key(overrides, message):

@@ -1,4 +1,6 @@
 """Reading HF configs into ModelSpecs: supported fields, and clear errors for the rest."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -33,6 +35,34 @@ def test_unsupported_fields_are_named(field, value, match):
     cfg = dict(tiny_config("llama"), **{field: value})
     with pytest.raises(UnsupportedConfigError, match=match):
         architecture_for_config(cfg).model_spec(cfg)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"sliding_window": 2047}, "sliding_window=2047"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.75}},
+         "partial_rotary_factor=0.75"),
+        ({"resid_pdrop": 0.1}, "resid_pdrop=0.1"),
+        ({"embd_pdrop": 0.1}, "embd_pdrop=0.1"),
+        ({"attention_dropout": 0.1}, "attention_dropout=0.1"),
+        ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32}}, "longrope"),
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32}}, "'su'"),
+    ],
+)
+def test_phi3_configs_we_do_not_build_are_named(changes, match):
+    cfg = dict(tiny_config("phi3"), **changes)
+    with pytest.raises(UnsupportedConfigError, match=f"Phi3ForCausalLM: .*{match}"):
+        architecture_for_config(cfg).model_spec(cfg)
+
+
+def test_phi3_spec_is_the_llama_model():
+    """Phi-3 builds exactly Llama's Megatron model; only the HF names differ."""
+    phi3, llama = tiny_config("phi3"), tiny_config("llama")
+    s_phi3 = architecture_for_config(phi3).model_spec(phi3)
+    s_llama = architecture_for_config(llama).model_spec(llama)
+    assert s_phi3 == replace(s_llama, architecture="Phi3ForCausalLM")
 
 
 def test_llama3_rope_frequencies_match_transformers():

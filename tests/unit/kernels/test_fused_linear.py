@@ -73,6 +73,32 @@ def test_values_and_grads_match_float64(backend, dtype, native_bf16, small_tiles
             assert err < 1e-2 and err < 1.25 * err_naive, (err, err_naive)
 
 
+@pytest.mark.parametrize("real", [700, 300], ids=["padding-mid-tile", "whole-padding-tiles"])
+def test_padded_vocabulary_rows(backend, small_tiles, real):
+    """weight has V' = 768 rows of which ``real`` are tokens (vocab_size=real): the padding rows
+    (random, not zero, so a leak would show) are never multiplied and get exactly zero gradient;
+    values and gradients equal float64 math on the real rows. With 256-column tiles, 700 ends
+    inside the last tile; 300 leaves the third tile entirely padding."""
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(768, H, generator=g) * 0.4
+    labels = torch.randint(0, real, (N,), generator=g)
+    labels[:3] = torch.tensor([real - 1, real, 767])  # last token, first and last padding id
+    w_lp, w_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    log_probs, entropy = fused_linear_log_probs(h, w, labels, temperature=1.3, with_entropy=True, vocab_size=real)
+    (w_lp * log_probs + w_ent * entropy).sum().backward()
+
+    h64, w64 = hidden.double().requires_grad_(), weight[:real].double().requires_grad_()
+    ref_lp, ref_ent = naive_linear_log_probs(h64, w64, labels, 1.3, True, dtype=torch.float64)
+    (w_lp * ref_lp + w_ent * ref_ent).sum().backward()
+    torch.testing.assert_close(log_probs.double(), ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_ent, atol=1e-5, rtol=1e-5)
+    assert (log_probs[1:3] == 0).all()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.grad[:real].double(), w64.grad, atol=1e-5, rtol=0)
+    assert (w.grad[real:] == 0).all()
+
+
 def _norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

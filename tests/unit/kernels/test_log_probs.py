@@ -61,6 +61,54 @@ def test_log_probs_entropy_and_grads_match_float64(backend, dtype, rel_err):
         assert rel_err(x.grad, x64.grad) < 1e-2
 
 
+PADDED = 1024  # V = 1000 real columns + 24 padding columns (a padded Megatron vocabulary)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_vocabulary_equals_the_unpadded_math(backend, dtype):
+    """vocab_size=V: the 24 padding columns (filled with large logits that would dominate the
+    softmax if counted) get no probability mass and zero gradient; labels in [V, V') are not
+    tokens. Values and the real columns' gradient equal float64 math on the real vocabulary."""
+    logits, labels = _inputs(dtype)
+    g = torch.Generator().manual_seed(5)
+    padding = (torch.rand(*logits.shape[:-1], PADDED - V, generator=g) * 20 + 30).to(dtype)
+    padded = torch.cat([logits, padding], dim=-1)  # [3, 13, 1024]
+    labels.view(-1)[6:8] = torch.tensor([V, PADDED - 1])  # padding ids
+    # Near the real log-probs (as a reference model's are): k3's gradient stays O(1).
+    ref_log_probs = naive_log_probs(logits, labels, 0.7) + 0.3 * torch.randn(labels.shape, generator=g)
+    w = torch.randn(3, *labels.shape, generator=g)
+    x = padded.clone().requires_grad_()
+    out = vocab_parallel_log_probs_and_kl(x, labels, ref_log_probs, kl_estimator="k3", temperature=0.7,
+                                          with_entropy=True, vocab_size=V)
+    (w[0] * out.log_probs + w[1] * out.entropy + w[2] * out.kl).sum().backward()
+
+    x64, (ref_lp, ref_ent) = _reference(logits, labels, 0.7)  # the real vocabulary only
+    valid = (labels >= 0) & (labels < V)
+    ref_kl = torch.where(valid, kl_estimate(ref_lp, ref_log_probs.double(), "k3"), torch.zeros_like(ref_lp))
+    (w[0] * ref_lp + w[1] * ref_ent + w[2] * ref_kl).sum().backward()
+    torch.testing.assert_close(out.log_probs.double(), ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), ref_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.kl.double(), ref_kl, atol=1e-5, rtol=1e-5)
+    assert (out.log_probs.view(-1)[4:8] == 0).all()  # −100, 1023, V, V' − 1: not tokens
+    assert (x.grad[..., V:] == 0).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(x.grad[..., :V].double(), x64.grad, atol=1e-5, rtol=0)
+    else:
+        assert ((x.grad[..., :V].double() - x64.grad).abs().max() / x64.grad.abs().max()) < 1e-2
+    # Without vocab_size the padding columns would take almost all the mass: the test can fail.
+    unmasked = vocab_parallel_log_probs(padded, labels, temperature=0.7)
+    assert (unmasked[valid] - out.log_probs[valid]).abs().min() > 10
+
+
+def test_vocab_size_is_checked():
+    logits, labels = _inputs(torch.float32, lead=(6,))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="vocab_size"):
+            vocab_parallel_log_probs(logits, labels, vocab_size=bad)
+    with pytest.raises(ValueError, match="vocab_size=1001 exceeds"):
+        vocab_parallel_log_probs(logits, labels, vocab_size=V + 1)
+
+
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_kl_in_the_same_pass_matches_autograd(backend, kind):
     logits, labels = _inputs(torch.float32, seed=2, lead=(37,))

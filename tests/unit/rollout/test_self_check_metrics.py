@@ -55,10 +55,11 @@ def test_probe_sequences_deterministic():
 @pytest.mark.parametrize(
     "kwargs,field",
     [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
-     ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n")],
+     ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"top_p": float("nan")}, "top_p"),
+     ({"top_k": 2.5}, "top_k")],
 )
 def test_sampling_config_rejects_bad_values(kwargs, field):
-    with pytest.raises(ValueError, match=f"sampling.{field}"):
+    with pytest.raises(ValueError, match=f"SamplingConfig.{field}: must be"):
         SamplingConfig(**kwargs)
 
 

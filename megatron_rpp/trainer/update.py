@@ -1,0 +1,100 @@
+"""One optimizer step of the policy on a data-parallel rank's share of a mini-batch.
+
+    metrics = policy_update(ddp, optimizer, groups, batch, counts, loss_cfg, settings)
+
+The worker calls it; tests call it on spawned ranks without an engine. Micro-batches come
+from :func:`~megatron_rpp.models.scoring.to_micro_batches` (length-sorted; fixed size or a
+token budget), the loss of each is its share of the *global* loss (``counts`` holds the
+mini-batch's token and sequence counts over every DP rank), so the gradient does not depend
+on the DP size or the micro-batching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpp.data.rollout_batch import RolloutBatch
+from megatron_rpp.parallel.groups import ParallelGroups
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a step runs (not what it computes)."""
+
+    temperature: float
+    """The rollout temperature: log-probs are of ``softmax(logits / temperature)``."""
+    fused_output_layer: bool
+    micro_batch_size: int
+    max_tokens: int = 0
+    """Token budget of a micro-batch (0: ``micro_batch_size`` sequences each)."""
+
+
+def policy_update(ddp, optimizer, groups: ParallelGroups, batch: RolloutBatch, counts: dict, loss_cfg,
+                  settings: StepSettings) -> dict[str, Any]:
+    """Forward/backward of the PPO-clip policy loss over ``batch``'s micro-batches, then the
+    optimizer step on every rank (skipped everywhere when any loss or gradient is non-finite).
+
+    ``batch`` holds ``advantages``, ``rollout_log_probs``, ``old_log_probs`` (or None: then
+    π_old = the detached current policy) and, for a KL loss, ``ref_log_probs``; ``counts``:
+    the mini-batch's global ``tokens``, ``seqs`` and ``max_response_len``.
+
+    Returns:
+        ``grad_norm``, ``update_ok``, ``lr`` on every rank; on the last pipeline stage also
+        ``loss``, ``pg_loss``, the loss's token-mean metrics and the rollout-vs-trainer gap
+        (``rollout_logprob_abs_diff`` mean, ``rollout_logprob_max_abs_diff`` max), reduced over DP.
+    """
+    from megatron_rpp.algorithms.policy_loss import policy_loss
+    from megatron_rpp.models.pipeline import forward_backward, unwrap
+    from megatron_rpp.models.scoring import output_context, to_micro_batches, token_log_probs
+    from megatron_rpp.trainer.optim import step_if_finite
+
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
+    device = next(unwrap(ddp).parameters()).device
+    mbs = to_micro_batches(batch, settings.micro_batch_size, device, settings.max_tokens)
+
+    def loss_fn(output, mb):
+        b: RolloutBatch = mb.extras["batch"]
+        mask = b.response_mask
+        lp, ent = token_log_probs(output, ddp, b, mb.input_ids, mb.extras["resp_index"], tp_group=tp_group,
+                                  temperature=settings.temperature, fused=settings.fused_output_layer,
+                                  with_entropy=True)
+        old = b.old_log_probs if b.old_log_probs is not None else lp.detach()
+        out = policy_loss(
+            lp, old, b.advantages, mask, loss_cfg,
+            global_token_count=counts["tokens"], global_seq_count=counts["seqs"],
+            max_response_len=counts["max_response_len"], ref_log_probs=b.ref_log_probs,
+            rollout_log_probs=b.rollout_log_probs, entropy=ent,
+        )
+        n = mask.sum()
+        # Rollout engine vs trainer, both for the policy that sampled (π_old).
+        gap = (old - b.rollout_log_probs).abs() * mask  # [b, T], 0 off the response
+        sums = {k: v.detach().float() * n for k, v in out.metrics.items() if k != "pg_loss"}
+        sums.update(tokens=n.float(), rollout_gap_sum=gap.sum(), pg_loss=out.metrics["pg_loss"].detach().float(),
+                    loss=out.loss.detach().float())
+        return out.loss, {"sums": sums, "rollout_gap_max": gap.max()}
+
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    with output_context(ddp, settings.fused_output_layer):
+        aux = forward_backward(ddp, mbs, loss_fn, groups, forward_only=False)
+    loss_sum = torch.stack([a["sums"]["loss"] for a in aux]).sum() if aux else torch.zeros(())
+    ok, grad_norm = step_if_finite(ddp, optimizer, loss_sum)
+    metrics: dict[str, Any] = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                               "update_ok": bool(ok), "lr": optimizer.param_groups[0]["lr"]}
+    if groups.is_last_stage:
+        keys = sorted(aux[0]["sums"])
+        total = torch.stack([torch.stack([a["sums"][k] for k in keys]) for a in aux]).sum(0)  # [M, K] -> [K]
+        gap_max = torch.stack([a["rollout_gap_max"] for a in aux]).max().reshape(1)  # [M] -> [1]
+        dist.all_reduce(total, group=groups.dp_group)
+        dist.all_reduce(gap_max, op=dist.ReduceOp.MAX, group=groups.dp_group)
+        sums = dict(zip(keys, total.tolist()))
+        tokens = max(sums.pop("tokens"), 1.0)
+        metrics["loss"] = sums.pop("loss")
+        metrics["pg_loss"] = sums.pop("pg_loss")
+        metrics["rollout_logprob_abs_diff"] = sums.pop("rollout_gap_sum") / tokens
+        metrics["rollout_logprob_max_abs_diff"] = float(gap_max)
+        metrics.update({k: v / tokens for k, v in sums.items()})
+    return metrics
