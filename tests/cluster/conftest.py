@@ -34,16 +34,41 @@ DROPPED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MASTER_ADDR", "MASTE
 
 
 def _why_no_testbed() -> str | None:
+    """Why this machine cannot host the test bed (a reason outside the project), or None."""
     if os.geteuid() != 0:
         return "the Slurm test bed needs root (network namespaces, bridges, mounts)"
-    for tool in ("unshare", "nsenter", "setsid"):
+    for tool in ("unshare", "nsenter", "setsid", "ip"):
         if not shutil.which(tool):
-            return f"the Slurm test bed needs {tool} (util-linux)"
-    probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "true"], capture_output=True,
-                           text=True)
+            return f"the Slurm test bed needs {tool} (util-linux / iproute2)"
+    # what `testbed.sh up` does, inside a throw-away network namespace (nothing of the host changes)
+    probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "sh", "-c",
+                            "ip link add rppprobe0 type bridge && ip link add rppprobe1 type veth peer name rppprobe2"
+                            " && mount -t tmpfs rppprobe /mnt"], capture_output=True, text=True, timeout=60)
     if probe.returncode:
-        return f"cannot create namespaces here: {probe.stderr.strip()}"
+        return ("cannot create network namespaces, bridges, veths or mounts here (a container without "
+                f"CAP_SYS_ADMIN/CAP_NET_ADMIN, or a kernel without bridge/veth): {probe.stderr.strip()[-500:]}")
     return None
+
+
+def _install_slurm() -> str | None:
+    """``scripts/install_slurm.sh`` (apt-get slurm-wlm, munge, iproute2 when missing); the
+    reason it could not install them, or None."""
+    try:
+        inst = subprocess.run(["bash", str(ROOT / "scripts" / "install_slurm.sh")], capture_output=True, text=True,
+                              timeout=900)
+    except subprocess.TimeoutExpired:
+        return "scripts/install_slurm.sh (apt-get install slurm-wlm munge) did not finish within 900 s"
+    if inst.returncode:
+        return (f"scripts/install_slurm.sh could not install slurm-wlm/munge (rc {inst.returncode}; no apt-get, "
+                f"or no package mirror reachable?):\n{inst.stdout[-1500:]}{inst.stderr[-1500:]}")
+    return None
+
+
+def _cannot_run(reason: str) -> None:
+    """Skip with the reason; ``RPP_REQUIRE_CLUSTER=1`` (a machine that must run them) fails instead."""
+    if os.environ.get("RPP_REQUIRE_CLUSTER", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"RPP_REQUIRE_CLUSTER is set but {reason}")
+    pytest.skip(reason)
 
 
 class Cluster:
@@ -57,7 +82,10 @@ class Cluster:
             PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
             # Ray's OOM killer reads the memory of the whole machine, which the test bed's nodes share
             # with every other process on it: it must not kill a tiny job for what others use.
-            RAY_memory_monitor_refresh_ms="0")
+            RAY_memory_monitor_refresh_ms="0",
+            # a small object store (the tiny jobs pass little through it) in the node's /dev/shm, not
+            # 30 % of the shared machine's memory as a file under /tmp
+            RPP_RAY_NODE_ARGS="--object-store-memory=300000000")
         self.env = env
         self.submitted: list[str] = []
 
@@ -189,21 +217,20 @@ class Cluster:
         subprocess.run(["ip", "link", "set", f"rpp_h{i}", "up" if up else "down"], check=True)
 
     def dump(self) -> str:
-        parts = []
-        for f in sorted((self.base / "log").glob("*.log")) + sorted(self.jobs.glob("**/*.log"))[-8:]:
-            parts.append(f"==== {f}\n{f.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
+        """The daemons' logs, the jobs' per-node Ray logs and each node's newest raylet logs."""
+        files = sorted((self.base / "log").glob("*.log")) + sorted(self.jobs.glob("**/*.log"))[-8:]
+        for node in sorted((self.base / "nodes").glob("n*")):
+            logs = node / "tmp" / "ray" / "session_latest" / "logs"
+            files += [f for f in (logs / "raylet.out", logs / "raylet.err", logs / "gcs_server.out") if f.is_file()]
+        return "\n".join(f"==== {f}\n{f.read_text(errors='replace')[-3000:]}" for f in files)
 
 
 @pytest.fixture(scope="session")
 def slurm():
-    reason = _why_no_testbed()
+    reason = _install_slurm() if os.geteuid() == 0 else None
+    reason = reason or _why_no_testbed()
     if reason:
-        pytest.skip(reason)
-    inst = subprocess.run(["bash", str(ROOT / "scripts" / "install_slurm.sh")], capture_output=True, text=True,
-                          timeout=900)
-    if inst.returncode:
-        pytest.fail(f"scripts/install_slurm.sh failed:\n{inst.stdout[-3000:]}{inst.stderr[-3000:]}")
+        _cannot_run(reason)
     lock = open(LOCK, "w")
     deadline = time.monotonic() + 1800
     while True:  # another session on this machine may hold the (machine-global) test bed
@@ -222,7 +249,9 @@ def slurm():
             shutil.rmtree(BASE / d, ignore_errors=True)
         up = subprocess.run(["bash", str(TESTBED), "up"], env=env, capture_output=True, text=True, timeout=180)
         if up.returncode:
-            pytest.fail(f"testbed.sh up failed:\n{up.stdout}{up.stderr}")
+            logs = "".join(f"==== {f}\n{f.read_text(errors='replace')[-2000:]}\n"
+                           for f in sorted((BASE / "log").glob("*")) if f.is_file())
+            pytest.fail(f"testbed.sh up failed (rc {up.returncode}):\n{up.stdout}{up.stderr}\n{logs}")
         (BASE / "shared").mkdir()
         yield Cluster(BASE)
     finally:

@@ -124,7 +124,7 @@ node_init_pid() {
 
 down() {
   set +e
-  local pids="" targets="" p c
+  local pids="" targets="" p c munged=""
   ours() { tr '\0' ' ' 2>/dev/null < "/proc/$1/cmdline" | grep -qF "$B/"; }   # never signal a reused pid
   for f in "$B"/slurmd.n*.outer.pid "$B/slurmctld.outer.pid"; do
     [ -f "$f" ] && ours "$(cat "$f")" && pids="$pids $(cat "$f")"
@@ -142,8 +142,9 @@ down() {
   done
   for p in $pids; do kill -0 "$p" 2>/dev/null && { echo "SIGKILL $p"; kill -KILL "$p"; }; done
   if [ -f "$B/munged.outer.pid" ] && ours "$(cat "$B/munged.outer.pid")"; then
-    p=$(cat "$B/munged.outer.pid"); kill -TERM "$p" 2>/dev/null
-    for _ in $(seq 25); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+    munged=$(cat "$B/munged.outer.pid"); kill -TERM "$munged" 2>/dev/null
+    for _ in $(seq 25); do kill -0 "$munged" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$munged" 2>/dev/null && { echo "SIGKILL munged $munged"; kill -KILL "$munged"; sleep 0.2; }
   fi
   # deleting the host end of a veth is synchronous; 'ip netns del' alone frees it asynchronously
   for ns in $(ip netns list 2>/dev/null | awk '/^rpp_n[0-9]+/{print $1}'); do
@@ -151,6 +152,12 @@ down() {
   done
   ip link show rppbr0 >/dev/null 2>&1 && ip link del rppbr0
   rm -f "$B"/*.outer.pid
+  # what is left of ours (the daemons' outer pids, the namespaces, the bridge) is an error
+  local left=""
+  for p in $pids ${munged:-}; do kill -0 "$p" 2>/dev/null && left="$left pid $p"; done
+  ip netns list 2>/dev/null | grep -q '^rpp_n[0-9]' && left="$left netns($(ip netns list | awk '/^rpp_n/{print $1}' | xargs))"
+  ip link show rppbr0 >/dev/null 2>&1 && left="$left bridge rppbr0"
+  [ -z "$left" ] || { echo "testbed.sh down: still there:$left" >&2; return 1; }
   return 0
 }
 
