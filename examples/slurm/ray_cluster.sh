@@ -2,7 +2,10 @@
 #
 #   rpp_ray_up          start the Ray head on this node (the batch host) and one Ray worker on
 #                       every other node, then wait until every node has joined (bounded;
-#                       the error names the missing nodes). Exports RAY_ADDRESS.
+#                       the error names the missing nodes). Exports RAY_ADDRESS. A `ray start`
+#                       that exits before the cluster is up (e.g. a raylet that did not register
+#                       within Ray's fixed 30 s on an overloaded node) makes it stop every node's
+#                       Ray and start again, up to RPP_RAY_START_ATTEMPTS times in all.
 #   rpp_run_controller  run a command (the controller) while watching the Ray nodes; returns
 #                       its exit code. A Ray node that dies meanwhile is logged; a controller
 #                       that has not stopped RPP_NODE_LOSS_GRACE s later is stopped.
@@ -19,7 +22,8 @@
 : "${RPP_PYTHON:=python}"                 # a python that imports megatron_rpp and ray
 : "${RPP_RAY:=ray}"                       # the ray CLI
 : "${RPP_RAY_PORT:=6379}"                 # the head's GCS port
-: "${RPP_RAY_JOIN_TIMEOUT:=300}"          # s for the head to listen and every node to join
+: "${RPP_RAY_JOIN_TIMEOUT:=300}"          # s for the head to listen and every node to join (per attempt)
+: "${RPP_RAY_START_ATTEMPTS:=2}"         # bring-ups tried when a `ray start` exits before all joined
 : "${RPP_RAY_STOP_TIMEOUT:=30}"           # s for a `ray start` step to end after SIGTERM
 : "${RPP_NODE_LOSS_GRACE:=90}"            # s the controller gets to stop after a Ray node died
 : "${RPP_CONTROLLER_STOP_TIMEOUT:=30}"    # s the controller gets to stop after SIGTERM
@@ -62,7 +66,7 @@ rpp_start_node() {
   local node=$1; shift
   # shellcheck disable=SC2016  # expanded on the node
   srun --overlap --nodes=1 --ntasks=1 -w "$node" --output="$RPP_LOG_DIR/ray_$node.log" \
-    --export="ALL,RPP_JOIN=${RPP_JOIN:-0}" \
+    --export="ALL,RPP_JOIN=${RPP_JOIN:-0},RPP_RAY_STEP=${SLURM_JOB_ID:-0}" \
     bash -c 'args=("$@")
       if [ "${RPP_JOIN:-0}" = 1 ]; then
         ip=$("$RPP_PYTHON" -m megatron_rpp.parallel.network ip-toward "$RPP_HEAD_IP") || exit 1
@@ -75,6 +79,19 @@ rpp_start_node() {
 }
 
 rpp_ray_up() {
+  local attempt rc
+  for (( attempt = 1; ; attempt++ )); do
+    rc=0; rpp_ray_up_once || rc=$?
+    [ "$rc" = 0 ] && return 0
+    if [ "$rc" != 3 ] || (( attempt >= RPP_RAY_START_ATTEMPTS )); then return 1; fi
+    rpp_log "Ray bring-up attempt $attempt/$RPP_RAY_START_ATTEMPTS failed: stopping Ray on every node, starting again"
+    rpp_stop_ray_steps
+    RPP_RAY_PIDS=() RPP_RAY_NODES=()
+  done
+}
+
+# One bring-up; returns 3 when a `ray start` exited (worth another attempt), 1 otherwise.
+rpp_ray_up_once() {
   local nodes head peer node waiter rc=0 t0=$SECONDS
   mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   head=${SLURMD_NODENAME:-${nodes[0]}}     # the batch host: the controller runs here too
@@ -92,7 +109,7 @@ rpp_ray_up() {
   until (exec 3<>"/dev/tcp/$RPP_HEAD_IP/$RPP_RAY_PORT") 2>/dev/null; do
     if rpp_find_dead_ray_node; then
       rpp_log "error: the Ray head on $head exited (rc=$RPP_DEAD_RC) before listening; see $RPP_LOG_DIR/ray_$head.log"
-      return 1
+      return 3
     fi
     if (( SECONDS - t0 > RPP_RAY_JOIN_TIMEOUT )); then
       rpp_log "error: the Ray head on $head is not listening on $RAY_ADDRESS after ${RPP_RAY_JOIN_TIMEOUT} s"; return 1
@@ -112,7 +129,7 @@ rpp_ray_up() {
       node=$RPP_DEAD_NODE
       rpp_log "error: Ray on node $node exited (rc=$RPP_DEAD_RC) before the cluster was up; node $node never joined;" \
               "see $RPP_LOG_DIR/ray_$node.log"
-      return 1
+      return 3
     fi
     sleep 0.5
   done
@@ -150,10 +167,14 @@ rpp_stop_controller() {
 }
 
 rpp_ray_down() {
-  local p t0=$SECONDS alive
   [ -n "${RPP_RAY_DOWN_DONE:-}" ] && return 0
   RPP_RAY_DOWN_DONE=1
   rpp_stop_controller
+  rpp_stop_ray_steps
+}
+
+rpp_stop_ray_steps() {
+  local p t0=$SECONDS alive
   [ "${#RPP_RAY_PIDS[@]}" = 0 ] && return 0
   rpp_log "stopping Ray on ${RPP_RAY_NODES[*]}"
   # a signalled srun ends its step: Slurm kills every process of it on that node
@@ -164,8 +185,28 @@ rpp_ray_down() {
   done
   for p in "${RPP_RAY_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
   wait 2>/dev/null
+  rpp_sweep_nodes
   rpp_log "Ray stopped in $(( SECONDS - t0 )) s"
   return 0
+}
+
+# Processes of this job's Ray steps that outlived their step: Slurm's proctrack/linuxproc
+# (unlike proctrack/cgroup) loses a process whose parent died first, e.g. Ray's agents when
+# their raylet was killed. Every Ray step's process carries RPP_RAY_STEP=<job id> in its
+# environment (inherited by Ray's children); one step per node kills those, nothing else.
+rpp_sweep_nodes() {
+  local nodes
+  nodes=$(printf '%s\n' "${RPP_RAY_NODES[@]}" | sort -u | paste -sd, -)
+  [ -n "$nodes" ] || return 0
+  # shellcheck disable=SC2016  # expanded on the node
+  timeout "$RPP_RAY_STOP_TIMEOUT" srun --overlap --nodes="$(tr , '\n' <<<"$nodes" | wc -l)" --ntasks-per-node=1 \
+      -w "$nodes" bash -c 'tag="RPP_RAY_STEP=$SLURM_JOB_ID"
+      ours() { local e p; for e in /proc/[0-9]*/environ; do p=${e#/proc/}; p=${p%/environ}
+                 grep -qzxF "$tag" "$e" 2>/dev/null && echo "$p"; done; }
+      pids=$(ours); [ -n "$pids" ] || exit 0
+      echo "[ray_cluster] node $SLURMD_NODENAME: stopping leftover Ray processes" $pids
+      kill -TERM $pids 2>/dev/null; sleep 2; pids=$(ours); [ -z "$pids" ] || kill -KILL $pids 2>/dev/null
+      exit 0' || rpp_log "warning: the leftover sweep on $nodes did not finish"
 }
 
 rpp_on_signal() {

@@ -309,11 +309,15 @@ def _ranges(ranks: list[int]) -> str:
 
 
 def _with_rank_log(cls: type, output_dir: str) -> type:
-    """``cls`` whose actor first points its stdout/stderr at ``output_dir/logs/rank_XXXXX.log``."""
+    """``cls`` whose actor first points its stdout/stderr at ``output_dir/logs/rank_XXXXX.log``
+    (on a multi-node run each rank's log on the shared output directory starts with its host)."""
 
     class RankLogged(cls):
         def __init__(self, rank: int, *args: Any, **kwargs: Any):
+            import socket
+
             console.redirect_process_output(console.rank_log_path(output_dir, rank))
+            print(f"{console.PREFIX} rank {rank} on host {socket.gethostname()}", flush=True)  # which node's log
             super().__init__(rank, *args, **kwargs)
 
     RankLogged.__name__ = cls.__name__  # the actor keeps its name in Ray's logs (qualname: pickled by value)

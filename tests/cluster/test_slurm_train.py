@@ -138,6 +138,10 @@ def test_slurm_train_dp2_across_nodes(slurm, dp2_run):
     _check_two_nodes(out, blocks=["0", "1"])
     assert "[ray_cluster] all 2 nodes joined: n1 (198.18.0.11), n2 (198.18.0.12)" in out
     assert "controller exited with 0" in out
+    for node, _, rank, *_ in _placement(out):  # per-rank logs of both nodes in the run's output directory
+        rank = int(rank)
+        log = (out_dir / "logs" / f"rank_{rank:05d}.log").read_text()
+        assert f"rank {rank} on host {node}" in log, log[-2000:]
     slurm.wait_nodes_clean()
 
 
@@ -229,7 +233,8 @@ def test_slurm_network_partition(slurm, config):
 
 
 def test_slurm_ray_bringup_failure(slurm, config):
-    """n2's Ray cannot start (its node-local /tmp/ray is a file): the job fails fast, naming n2."""
+    """n2's Ray cannot start (its node-local /tmp/ray is a file): the job fails fast, naming n2,
+    after a second bring-up attempt (RPP_RAY_START_ATTEMPTS=2)."""
     blocker = slurm.base / "nodes" / "n2" / "tmp" / "ray"  # n2's /tmp/ray, seen from outside the node
     aside = blocker.with_name("ray.aside")  # the earlier jobs' Ray sessions (idle node: nothing uses them)
     if blocker.exists():
@@ -243,6 +248,8 @@ def test_slurm_ray_bringup_failure(slurm, config):
         if aside.exists():
             aside.rename(blocker)
     assert "error: Ray on node n2 exited" in out and "node n2 never joined" in out, out[-6000:]
+    # one more bring-up (a `ray start` that exits may have hit Ray's 30 s startup limit), then the error
+    assert out.count("node n2 never joined") == 2 and "attempt 1/2 failed" in out, out[-6000:]
     assert "controller exited" not in out  # the controller never started
     assert slurm.job(jid)["ExitCode"] != "0:0"
     slurm.wait_nodes_clean()
