@@ -134,8 +134,21 @@ rpp_ray_up_once() {
     sleep 0.5
   done
   wait "$waiter" || rc=$?
-  [ "$rc" = 0 ] && rpp_log "Ray cluster up in $(( SECONDS - t0 )) s"
-  return "$rc"
+  if [ "$rc" != 0 ]; then
+    # the join wait connects through this node's raylet: it can die with the head's Ray
+    for _ in 1 2 3 4 5 6; do
+      if rpp_find_dead_ray_node; then
+        rpp_log "error: Ray on node $RPP_DEAD_NODE exited (rc=$RPP_DEAD_RC) before the cluster was up (join wait rc=$rc);" \
+                "see $RPP_LOG_DIR/ray_$RPP_DEAD_NODE.log"
+        return 3
+      fi
+      sleep 0.5
+    done
+    rpp_log "error: the Ray cluster did not come up (join wait rc=$rc)"
+    return 1
+  fi
+  rpp_log "Ray cluster up in $(( SECONDS - t0 )) s"
+  return 0
 }
 
 rpp_run_controller() {
