@@ -57,8 +57,10 @@ def _ranks_on_this_node() -> int:
 
 class Worker:
     def __init__(self, rank: int, world_size: int, master_port: int, cfg: Config, hf_dir: str):
-        os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(master_port))
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        from megatron_rpp.parallel.network import configure_rendezvous
+
+        # MASTER_ADDR: rank 0's node (set by the worker group); gloo/NCCL use the interface routing there
+        configure_rendezvous(master_port)
         self.cfg, self.rank, self.hf_dir = cfg, rank, hf_dir
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
