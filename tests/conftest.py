@@ -8,10 +8,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Ray: no token written under $HOME; gloo inside actors on loopback.
+# Ray: no token written under $HOME. (The rendezvous address and gloo's interface are chosen by
+# the worker group: rank 0's node and the interface routing there, megatron_rpp/parallel/network.py.)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -27,7 +27,7 @@ from megatron_rpp.algorithms.policy_loss import (
 )
 from megatron_rpp.algorithms.registry import Registry, RegistryError, UnknownNameError
 from megatron_rpp.algorithms.reward_norm import RunningRewardNorm
-from megatron_rpp.algorithms.value_loss import value_loss
+from megatron_rpp.algorithms.value_loss import explained_variance, value_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -50,6 +50,7 @@ __all__ = [
     "check_range",
     "compute_advantages",
     "discounted_returns",
+    "explained_variance",
     "gae",
     "kl_estimate",
     "kl_estimate_grad",

@@ -8,6 +8,10 @@ Per response token, with v_clip = old_values + clamp(values − old_values, −�
     ℓ = 0.5 · (values − returns)²                                 (clip_range = None)
 
 aggregated like the policy loss (see aggregation.py; pass the global token count).
+
+:func:`explained_variance` says how much of the returns' variance the values explain:
+1 − Var(returns − values) / Var(returns) over the response tokens (1: perfect, 0: no better
+than a constant, < 0: worse than one).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from megatron_rpp.algorithms._checks import check_mask, check_shape
 from megatron_rpp.algorithms.aggregation import Count, aggregate
 from megatron_rpp.algorithms.policy_loss import LossOutput
 
-__all__ = ["value_loss"]
+__all__ = ["explained_variance", "value_loss"]
 
 
 def value_loss(
@@ -81,3 +85,24 @@ def value_loss(
         token_loss, mask, agg_mode, global_token_count=global_token_count, global_seq_count=global_seq_count
     )
     return LossOutput(loss, metrics)
+
+
+def explained_variance(values: Tensor, returns: Tensor, response_mask: Tensor) -> float:
+    """1 − Var(returns − values) / Var(returns) over the response tokens (population variances).
+
+    NaN when the returns do not vary (nothing to explain) or there are no response tokens.
+
+    Shape:
+        values, returns, response_mask: [B, T]; returns a float.
+    """
+    mask = check_mask(response_mask)
+    check_shape(values, mask.shape, "values", floating=True)
+    check_shape(returns, mask.shape, "returns", floating=True)
+    v, r = values[mask].double(), returns[mask].double()  # [B, T] -> [N]
+    if r.numel() == 0:
+        return math.nan
+    var_r = (r - r.mean()).square().mean()
+    if float(var_r) == 0.0:
+        return math.nan
+    e = r - v
+    return float(1.0 - (e - e.mean()).square().mean() / var_r)

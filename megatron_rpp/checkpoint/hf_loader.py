@@ -15,8 +15,12 @@ from megatron_rpp.parallel.gather import iter_local_params
 from megatron_rpp.parallel.groups import ParallelGroups
 
 
-def load_hf_weights(model, groups: ParallelGroups, arch, spec, hf_dir: str | Path) -> None:
-    """Fill this rank's shard of ``model`` (built from ``spec``) from the HF checkpoint at ``hf_dir``."""
+def load_hf_weights(model, groups: ParallelGroups, arch, spec, hf_dir: str | Path, *,
+                    skip_roles: tuple[str, ...] = ()) -> None:
+    """Fill this rank's shard of ``model`` (built from ``spec``) from the HF checkpoint at ``hf_dir``.
+
+    ``skip_roles``: parameter-table roles left as built (e.g. ``("score",)``: a new value head on a
+    causal LM's trunk, whose folder has no ``score.weight``)."""
     from megatron_rpp.checkpoint.hf_io import HFCheckpointReader
 
     reader = HFCheckpointReader(hf_dir)
@@ -24,6 +28,8 @@ def load_hf_weights(model, groups: ParallelGroups, arch, spec, hf_dir: str | Pat
     with torch.no_grad():
         for name, p in iter_local_params(model, with_tied_copy=True):
             entry = table[name]
+            if entry.role in skip_roles:
+                continue
             full = arch.to_megatron(spec, name, [reader.get(h) for h in entry.hf_names])
             shard = entry.shard(full, groups.tp_size, groups.tp_rank)
             if shard.shape != p.shape:

@@ -3,6 +3,9 @@
     save_model_and_optimizer(model, optimizer, "ckpt/step_00000004.tmp/model_optim")
     load_model_and_optimizer(model, optimizer, "ckpt/step_00000004/model_optim")
 
+The critic of a PPO run (and its optimizer) goes the same way into ``critic_optim/``
+(:data:`CRITIC_OPTIM_DIR`), a second, independent dist checkpoint.
+
 The weights and the optimizer state (Adam moments, fp32 main parameters under bf16,
 the common step) go through ``megatron.core.dist_checkpointing`` (torch_dist backend):
 every tensor is stored once with its global shape, keyed by its model-parallel
@@ -34,6 +37,8 @@ import torch.distributed as dist
 
 RNG_DIR = "rng"
 MODEL_OPTIM_DIR = "model_optim"
+#: The critic's weights + optimizer state (runs whose estimator needs values), saved like the policy's.
+CRITIC_OPTIM_DIR = "critic_optim"
 
 
 def _barrier() -> None:

@@ -9,14 +9,14 @@ builder has a table from dataclass field to the config key it comes from; a
 """
 from __future__ import annotations
 
-from megatron_rpp.algorithms.advantages import AdvantageConfig
+from megatron_rpp.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
 from megatron_rpp.algorithms.policy_loss import PolicyLossConfig
 from megatron_rpp.config.schema import Config
 from megatron_rpp.models.provider import ModelOptions
 from megatron_rpp.rollout.engine import SamplingConfig
 
-ADVANTAGE_KEYS = {"estimator": "algorithm.estimator", "gamma": "algorithm.gamma", "whiten": "algorithm.whiten",
-                  "kl_coef": "algorithm.kl_coef", "reward_clip": "reward.clip"}
+ADVANTAGE_KEYS = {"estimator": "algorithm.estimator", "gamma": "algorithm.gamma", "lam": "algorithm.lam",
+                  "whiten": "algorithm.whiten", "kl_coef": "algorithm.kl_coef", "reward_clip": "reward.clip"}
 POLICY_LOSS_KEYS = {"clip_low": "algorithm.clip_low", "clip_high": "algorithm.clip_high",
                     "dual_clip": "algorithm.dual_clip", "tis_high": "algorithm.tis_cap",
                     "kl_loss_coef": "algorithm.kl_coef", "kl_loss_estimator": "algorithm.kl_loss_estimator",
@@ -30,9 +30,15 @@ def advantage_config(cfg: Config, *, kl_in_reward: bool = True) -> AdvantageConf
     """Advantage hyperparameters. ``kl_in_reward``: the step has a token KL for the reward
     (false when there are no reference log-probs); with ``kl_use_loss`` the KL is never in it."""
     a = cfg.algorithm
-    return AdvantageConfig(estimator=a.estimator, gamma=a.gamma, whiten=a.whiten or None,
+    return AdvantageConfig(estimator=a.estimator, gamma=a.gamma, lam=a.lam, whiten=a.whiten or None,
                            kl_coef=a.kl_coef if kl_in_reward and not a.kl_use_loss else 0.0,
                            reward_clip=cfg.reward.clip)
+
+
+def needs_critic(cfg: Config) -> bool:
+    """Whether the run has a critic: the one place that asks the estimator's registry entry
+    (``needs_values``); the validator, the workers and the loop all call this, never the name."""
+    return ADVANTAGE_ESTIMATORS.get(cfg.algorithm.estimator).needs_values
 
 
 def policy_loss_config(cfg: Config) -> PolicyLossConfig:

@@ -120,10 +120,14 @@ class RewardConfig:
 class AlgorithmConfig:
     estimator: str = "reinforce_pp"
     """Advantage estimator: ``reinforce_pp``, ``reinforce_pp_baseline``, ``grpo``, ``dr_grpo``, ``rloo``,
-    or a plug-in ``path/to/file.py:fn`` / ``pkg.module:fn`` (docs/algorithms.md), loaded and checked at
-    load time. Estimators that need a critic (``gae``) are refused until the trainer builds one."""
+    ``gae`` (PPO with a critic), or a plug-in ``path/to/file.py:fn`` / ``pkg.module:fn``
+    (docs/algorithms.md), loaded and checked at load time. An estimator whose registry entry has
+    ``needs_values`` (``gae``) makes the workers build a critic (the ``critic`` section)."""
     gamma: float = 1.0
     """Discount of token rewards (1.0 in REINFORCE++; must be 1 for group estimators)."""
+    lam: float = 0.95
+    """GAE λ in [0, 1] (estimators that need values, ``gae``): 1 = Monte-Carlo returns minus values,
+    0 = one-step TD errors."""
     whiten: str = ""
     """Advantage whitening: ``token`` (global mean/std), ``mean``, ``none``; empty = the estimator's default."""
     kl_coef: float = 0.001
@@ -147,6 +151,25 @@ class AlgorithmConfig:
     """Entropy bonus coefficient."""
     loss_agg_mode: str = "token_mean"
     """``token_mean`` (over the global token count), ``seq_mean_token_mean``, ``seq_mean_token_sum_norm``."""
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    model_dir: str = ""
+    """Where the critic (value model) starts, when the estimator needs values (``gae``): empty = the
+    policy's own trunk (``model.hf_dir``) with a zero-initialised scalar value head (every value starts at
+    0); or a HF sequence-classification folder (``LlamaForSequenceClassification``,
+    ``Qwen2ForSequenceClassification``, ``Qwen3ForSequenceClassification``, one score, e.g. a reward
+    model) sharing the policy's tokenizer. Split over the policy's TP/PP (docs/algorithms.md, PPO)."""
+    lr: float = 5e-6
+    """Adam learning rate of the critic (constant; its own optimizer, the trainer's weight decay and
+    gradient clipping)."""
+    clip_value: float = 0.2
+    """ε of the clipped value loss: values may move at most ε from their rollout-time values before
+    the loss stops rewarding it (0 = the unclipped squared error)."""
+    warmup_steps: int = 0
+    """The first this many iterations train only the critic (the policy is not updated; it keeps
+    generating). Must be < ``trainer.steps``."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +292,8 @@ class Config:
     """Reward function."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """REINFORCE++ and baselines."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The value model of estimators that need values (PPO: ``algorithm.estimator=gae``); unused otherwise."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation with vLLM."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -7,14 +7,17 @@ What is checked (each failure is a :class:`ConfigError` naming the key and what 
   proves that every numeric field of the schema is in one of them);
 - plug-ins: ``algorithm.estimator`` and ``reward.function`` are resolved through their
   registries (``file.py:fn`` files are imported) and type-checked (callable, number of
-  arguments); an estimator whose registry entry says ``needs_values`` is refused until the
-  trainer builds a critic;
+  arguments);
+- the critic, when the estimator's registry entry says ``needs_values``
+  (:func:`~megatron_rpp.config.hyper.needs_critic`): ``critic.warmup_steps`` below
+  ``trainer.steps``, and a ``critic.model_dir`` (or, without one, the policy's architecture)
+  that a scalar value head can be built on;
 - the algorithm, loss and sampling hyperparameter dataclasses are built from the config
   (:mod:`megatron_rpp.config.hyper`, the same builders the trainer uses), so their own checks
   run now; their errors are reported under the config key;
 - layouts: ``trainer.num_workers`` against TP × PP, batch divisibility, the parallelism and
   memory switches (virtual pipeline, sequence parallel, recompute, context parallel) against
-  each other, and, when ``model.hf_dir`` (or ``reward.model_dir``) is a local folder with
+  each other, and, when ``model.hf_dir`` (or ``reward.model_dir``, ``critic.model_dir``) is a local folder with
   ``config.json``, layers, heads and FFN size against the TP/PP/VPP sizes (and the recompute
   unit) and the context length against ``max_position_embeddings``;
 - the rollout engine layout (issue 14): ``rollout.tensor_parallel_size`` against
@@ -51,6 +54,7 @@ AT_LEAST = {
     "trainer.eval_interval": 0, "trainer.save_interval": 0, "trainer.keep_checkpoints": 1,
     "trainer.max_nonfinite_steps_in_a_row": 1, "trainer.max_tokens_per_micro_batch": 0,
     "rollout.tensor_parallel_size": 0,  # 0 = model.tensor_parallel_size (issue 14)
+    "critic.warmup_steps": 0,
 }
 #: Seeds: integers in [0, SEED_MAX].
 SEEDS = ("data.seed", "trainer.seed")
@@ -61,11 +65,12 @@ UNIT = (0, 1, True, False)  # (0, 1]
 RANGES = {
     "reward.remote_timeout_s": POSITIVE, "reward.clip": (0, INF, True, False),
     "reward.model_mean": (-INF, INF, True, True), "reward.model_std": POSITIVE,
-    "algorithm.gamma": UNIT, "algorithm.kl_coef": NON_NEGATIVE, "algorithm.clip_low": (0, 1, False, True),
+    "algorithm.gamma": UNIT, "algorithm.lam": (0, 1, False, False), "algorithm.kl_coef": NON_NEGATIVE, "algorithm.clip_low": (0, 1, False, True),
     "algorithm.clip_high": NON_NEGATIVE, "algorithm.tis_cap": NON_NEGATIVE, "algorithm.entropy_coef": NON_NEGATIVE,
     "rollout.temperature": POSITIVE, "rollout.top_p": UNIT, "rollout.eval_temperature": NON_NEGATIVE,
     "rollout.kv_cache_gib": POSITIVE, "rollout.gpu_memory_utilization": UNIT, "rollout.check_sync_tolerance": POSITIVE,
     "trainer.lr": POSITIVE, "trainer.weight_decay": NON_NEGATIVE, "trainer.clip_grad": POSITIVE,
+    "critic.lr": POSITIVE, "critic.clip_value": NON_NEGATIVE,
 }
 #: Fields with an "off" value outside their range: key -> (test, words).
 SPECIAL: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -95,6 +100,7 @@ def validate(cfg: Config) -> None:
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_estimator(cfg)
+    _check_critic(cfg)
     _check_reward(cfg)
     _check_hyperparameters(cfg)
     _check_parallelism(cfg)
@@ -175,26 +181,44 @@ def _resolve(key: str, registry: Any, spec: str) -> Any:
 
 
 def _check_estimator(cfg: Config) -> None:
-    """Registered or plug-in; refused when its entry needs critic values (no critic is built yet)."""
+    """Registered or plug-in; a group estimator needs >= 2 samples per prompt."""
     from megatron_rpp.algorithms.advantages import ADVANTAGE_ESTIMATORS as REG
 
     name = cfg.algorithm.estimator
-    usable = [n for n in REG.names() if not REG.get(n).needs_values]
-    plugin = "or a plug-in 'file.py:fn' / 'pkg.module:fn'"
     if ":" not in name and name not in REG:
-        raise ConfigError(f"algorithm.estimator: invalid value {name!r}; allowed values: {', '.join(usable)}, {plugin}")
+        raise ConfigError(f"algorithm.estimator: invalid value {name!r}; allowed values: {', '.join(REG.names())}, "
+                          "or a plug-in 'file.py:fn' / 'pkg.module:fn'")
     entry = _resolve("algorithm.estimator", REG, name)
-    if entry.needs_values:
-        raise ConfigError(
-            f"algorithm.estimator: {name!r} needs a critic/value model (its registry entry has needs_values=True), "
-            f"which this trainer does not build yet; allowed values: {', '.join(usable)}, or a plug-in estimator "
-            "without needs_values"
-        )
     if entry.uses_groups and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
             f"rollout.n_samples_per_prompt: must be >= 2 for the group estimator {name!r} (its baseline is computed "
             f"over the samples of one prompt), got {cfg.rollout.n_samples_per_prompt}"
         )
+
+
+def _check_critic(cfg: Config) -> None:
+    """Only when the estimator's registry entry needs values: the critic must be buildable."""
+    from megatron_rpp.config.hyper import needs_critic
+
+    if not needs_critic(cfg):
+        return
+    c, t = cfg.critic, cfg.trainer
+    if c.warmup_steps >= t.steps:
+        raise ConfigError(f"critic.warmup_steps: must be < trainer.steps ({t.steps}) or the policy never trains, "
+                          f"got {c.warmup_steps}")
+    if c.model_dir:
+        if not (Path(c.model_dir).expanduser() / "config.json").is_file():
+            raise ConfigError(f"critic.model_dir: {c.model_dir!r} has no config.json (a HF sequence-classification "
+                              "folder; empty = start from the policy's trunk)")
+        return
+    policy = _local_model_folder(cfg.model.hf_dir)
+    if policy is not None:  # the policy's architecture must have a score-head counterpart
+        from megatron_rpp.models.critic import CriticError, value_architecture
+
+        try:
+            value_architecture(json.loads((policy / "config.json").read_text()))
+        except (CriticError, OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"critic.model_dir: empty, so the critic starts from model.hf_dir, but {e}") from None
 
 
 def _check_reward(cfg: Config) -> None:
@@ -337,16 +361,21 @@ def _local_model_folder(hf_dir: str) -> Path | None:
 
 
 def _check_model_folders(cfg: Config) -> None:
+    from megatron_rpp.config.hyper import needs_critic
+
     m = cfg.model
     folders = [("model.hf_dir", m.hf_dir)]
     if cfg.reward.model_dir:
         folders.append(("reward.model_dir", cfg.reward.model_dir))
+    if cfg.critic.model_dir and needs_critic(cfg):
+        folders.append(("critic.model_dir", cfg.critic.model_dir))
+    specs = {}
     for key, hf_dir in folders:
         folder = _local_model_folder(hf_dir)
         if folder is None:
             continue
         config_json = folder / "config.json"
-        spec = _model_spec(key, config_json, m.tensor_parallel_size)
+        spec = specs[key] = _model_spec(key, config_json, m.tensor_parallel_size)
         problems = layout_problems(spec, m.tensor_parallel_size, m.pipeline_parallel_size, m.virtual_pipeline_size,
                                    recompute_num_layers=m.recompute_num_layers if m.recompute == "full" else 1)
         if problems:
@@ -357,6 +386,14 @@ def _check_model_folders(cfg: Config) -> None:
                 f"model.max_response_length: model.max_prompt_length + model.max_response_length ({context}) must be "
                 f"<= max_position_embeddings ({spec.max_position_embeddings}) of {config_json}"
             )
+    critic = specs.get("critic.model_dir")
+    if critic is not None and critic.head != "score":
+        raise ConfigError(f"critic.model_dir: {cfg.critic.model_dir!r} is a {critic.architecture}, not a "
+                          "sequence-classification model with one score (e.g. LlamaForSequenceClassification)")
+    if critic is not None and "model.hf_dir" in specs and critic.vocab_size != specs["model.hf_dir"].vocab_size:
+        raise ConfigError(f"critic.model_dir: vocab_size {critic.vocab_size} differs from the policy's "
+                          f"{specs['model.hf_dir'].vocab_size}: the critic reads the policy's token ids and must share "
+                          "its tokenizer")
 
 
 def _model_spec(key: str, config_json: Path, tp: int) -> Any:

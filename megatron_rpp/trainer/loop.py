@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_rpp.algorithms.advantages import compute_advantages
-from megatron_rpp.algorithms.kl import kl_estimate
 from megatron_rpp.config import Config, save_config
-from megatron_rpp.config.hyper import advantage_config, sampling_config
+from megatron_rpp.config.hyper import needs_critic, sampling_config
 from megatron_rpp.checkpoint.train_state import load_rng, save_rng
 from megatron_rpp.trainer import checkpointing, phases
 from megatron_rpp.trainer.failures import NonFiniteGuard
@@ -36,6 +34,7 @@ def needs_old_forward(cfg: Config) -> bool:
 def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     cfg, group, layout = ctx.cfg, ctx.group, ctx.layout
     a = cfg.algorithm
+    critic = needs_critic(cfg)
     # Colocated memory (slime style): only the engine is resident while it generates; it sleeps
     # while Megatron scores and trains; weights wake for the sync, the KV cache after it.
     phases.offload_training_state(group)  # optimizer state -> host (trainer.offload_optimizer_during_rollout)
@@ -58,17 +57,15 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
     with timer("ref_log_probs"):
         if a.kl_coef > 0:
             batch = batch.replace(ref_log_probs=phases.score(group, layout, batch, "ref"))
+    with timer("values"):
+        if critic:  # the estimator needs values: the critic's V(s_t) of every response token
+            batch = batch.replace(values=phases.critic_values(group, layout, batch))
     with timer("advantages"):
         mask = batch.response_mask
-        token_kl = None
-        if batch.old_log_probs is not None and batch.ref_log_probs is not None:
-            token_kl = kl_estimate(batch.old_log_probs, batch.ref_log_probs, a.kl_estimator) * mask
-        adv_cfg = advantage_config(cfg, kl_in_reward=token_kl is not None)
-        out = compute_advantages(batch.rewards, mask, adv_cfg, group_index=batch.group_index,
-                                 token_kl=token_kl if adv_cfg.kl_coef > 0 else None)
-        batch = batch.replace(advantages=out.advantages.float(), returns=out.returns.float())
+        batch, out, token_kl = phases.advantages(cfg, batch)
     with timer("train"):
-        results, train_tokens = phases.train_minibatches(group, layout, cfg, batch)
+        results, train_tokens = phases.train_minibatches(group, layout, cfg, batch,
+                                                         update_policy=phases.policy_trains(cfg, step))
         train = phases.mean_metrics(results)
     with timer("weight_sync"):
         phases.wake_engine(group, ["weights"])
@@ -95,8 +92,10 @@ def iteration(ctx: RunContext, step: int, timer: Timer) -> dict:
         "tokens/train_real": train_tokens["real"], "tokens/train_padded": train_tokens["padded"],
         **({f"tokens/score_{k}": v for k, v in phases.token_counts(cfg, layout, batch).items()}
            if needs_old_forward(cfg) or a.kl_coef > 0 else {}),
+        **({"kl/policy_ref_k3": kl} if (kl := phases.policy_ref_kl(batch)) is not None else {}),
+        **(phases.critic_metrics(batch, train) if critic else {}),
         "_tokens": float(batch.sequence_lengths.sum()),
-        "_applied": [bool(r["update_ok"]) for r in results],
+        "_applied": [bool(r[k]) for r in results for k in ("update_ok", "critic/update_ok") if k in r],
     }
 
 

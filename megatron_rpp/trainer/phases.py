@@ -71,6 +71,28 @@ def generate(group, layout: Layout, prompts: list[Prompt], sampling: SamplingCon
     return batch.select(torch.sort(batch.group_index, stable=True).indices)  # keeps each prompt's n samples in order
 
 
+def advantages(cfg: Config, batch: RolloutBatch):
+    """Advantages and returns of the whole rollout batch on the controller (exact global statistics).
+
+    The token KL k(old, ref) (``algorithm.kl_estimator``) enters the token rewards unless
+    ``algorithm.kl_use_loss``; ``batch.values`` (the critic's, when the estimator needs them) go to
+    the estimator. Returns ``(batch with advantages and returns, AdvantageOutput, token_kl [B, T] or
+    None)``.
+    """
+    from megatron_rpp.algorithms.advantages import compute_advantages
+    from megatron_rpp.algorithms.kl import kl_estimate
+    from megatron_rpp.config.hyper import advantage_config
+
+    mask = batch.response_mask
+    token_kl = None
+    if batch.old_log_probs is not None and batch.ref_log_probs is not None:
+        token_kl = kl_estimate(batch.old_log_probs, batch.ref_log_probs, cfg.algorithm.kl_estimator) * mask
+    adv_cfg = advantage_config(cfg, kl_in_reward=token_kl is not None)
+    out = compute_advantages(batch.rewards, mask, adv_cfg, group_index=batch.group_index,
+                             token_kl=token_kl if adv_cfg.kl_coef > 0 else None, values=batch.values)
+    return batch.replace(advantages=out.advantages.float(), returns=out.returns.float()), out, token_kl
+
+
 def dp_shards(batch: RolloutBatch, layout: Layout) -> list[torch.Tensor]:
     """Each DP rank's rows of ``batch``: balanced by tokens, so the ranks finish together."""
     return balanced_parts(batch.sequence_lengths, layout.dp_size)
@@ -118,8 +140,11 @@ def score(group, layout: Layout, batch: RolloutBatch, which: str) -> torch.Tenso
     return _per_dp_shard(group, layout, "score", batch, which)
 
 
-def train_minibatches(group, layout: Layout, cfg: Config, batch: RolloutBatch) -> tuple[list[dict], dict]:
-    """``num_epochs`` passes over the rollout batch in mini-batches of ``train_batch_size``.
+def train_minibatches(group, layout: Layout, cfg: Config, batch: RolloutBatch,
+                      update_policy: bool = True) -> tuple[list[dict], dict]:
+    """``num_epochs`` passes over the rollout batch in mini-batches of ``train_batch_size``; each
+    mini-batch is one optimizer step of the policy (unless ``update_policy`` is false) and, when
+    the workers have one, of the critic.
 
     Returns the reporter's metrics of every optimizer step and the real / padded token
     positions processed (:func:`token_counts`, summed over the mini-batches)."""
@@ -133,7 +158,8 @@ def train_minibatches(group, layout: Layout, cfg: Config, batch: RolloutBatch) -
             mb = batch.select(mini)
             counts = {"tokens": mb.num_response_tokens, "seqs": len(mb), "max_response_len": cfg.model.max_response_length}
             parts = dp_shards(mb, layout)
-            outs = group.call("train", [(mb.select(parts[layout.dp_of_rank[r]]), counts) for r in range(group.size)])
+            outs = group.call("train", [(mb.select(parts[layout.dp_of_rank[r]]), counts, update_policy)
+                                        for r in range(group.size)])
             results.append(outs[layout.reporter_of_dp[0]])
             for k, v in token_counts(cfg, layout, mb).items():
                 tokens[k] += v
@@ -150,6 +176,50 @@ def token_counts(cfg: Config, layout: Layout, batch: RolloutBatch) -> dict[str, 
         mbs = micro_batch_indices(lengths[part], t.micro_batch_size, t.max_tokens_per_micro_batch)
         processed += padded_tokens(lengths[part], mbs)
     return {"real": float(lengths.sum()), "padded": float(processed - int(lengths.sum()))}
+
+
+# ----------------------------------------------------------------------------- critic (estimators that need values)
+
+
+def critic_values(group, layout: Layout, batch: RolloutBatch) -> torch.Tensor:
+    """The critic's V(s_t) [B, T] fp32 for every response token's state (models/critic.py)."""
+    values = _per_dp_shard(group, layout, "critic_values", batch)
+    finite_or_raise("critic value", values.flatten())
+    return values
+
+
+def policy_trains(cfg: Config, step: int) -> bool:
+    """False during the critic's warm-up (``critic.warmup_steps`` first iterations of a run with a critic)."""
+    from megatron_rpp.config.hyper import needs_critic
+
+    return not needs_critic(cfg) or step > cfg.critic.warmup_steps
+
+
+def critic_metrics(batch: RolloutBatch, train: dict) -> dict:
+    """``critic/explained_variance`` of the rollout-time values against the GAE returns (1 −
+    Var(G − V)/Var(G) over response tokens), the values' and returns' means, and the critic's
+    training metrics (``critic/value_loss``, ``critic/value_clip_fraction``, ``critic/grad_norm``, ...)."""
+    from megatron_rpp.algorithms.value_loss import explained_variance
+
+    mask = batch.response_mask
+    values, returns = batch.values[mask], batch.returns[mask]
+    return {"critic/explained_variance": explained_variance(batch.values, batch.returns, mask),
+            "critic/values_mean": float(values.mean()) if values.numel() else 0.0,
+            "critic/returns_mean": float(returns.mean()) if returns.numel() else 0.0,
+            **{k: v for k, v in train.items() if k.startswith("critic/") and k != "critic/update_ok"}}
+
+
+def policy_ref_kl(batch: RolloutBatch) -> float | None:
+    """Mean k3 estimate of KL(π_sampler ‖ π_ref) per response token, the same measure whatever the
+    estimator or KL placement (``kl/policy_ref_k3``): from the old log-probs when scored, else the
+    engine's own (``rollout_log_probs``); None without reference log-probs."""
+    from megatron_rpp.algorithms.kl import kl_estimate
+
+    if batch.ref_log_probs is None:
+        return None
+    sampler = batch.old_log_probs if batch.old_log_probs is not None else batch.rollout_log_probs
+    mask = batch.response_mask
+    return float(kl_estimate(sampler, batch.ref_log_probs, "k3")[mask].mean()) if mask.any() else 0.0
 
 
 def mean_metrics(results: list[dict]) -> dict:

@@ -69,6 +69,7 @@ def setup_run(cfg: Config, resume_step: int | None = None) -> RunContext:
     from transformers import AutoTokenizer
 
     from megatron_rpp.algorithms.reward_norm import RunningRewardNorm
+    from megatron_rpp.config.hyper import needs_critic
     from megatron_rpp.rewards import make_scorer
     from megatron_rpp.trainer.group import make_worker_group
     from megatron_rpp.trainer.phases import Layout
@@ -90,7 +91,7 @@ def setup_run(cfg: Config, resume_step: int | None = None) -> RunContext:
     dp = n // (m.tensor_parallel_size * m.pipeline_parallel_size)
     say(f"{console.PREFIX} starting {n} worker{'s' if n > 1 else ''} (TP {m.tensor_parallel_size} × PP "
         f"{m.pipeline_parallel_size} × DP {dp}): policy, {'reference, ' if cfg.algorithm.kl_coef > 0 else ''}"
-        f"{'reward model, ' if cfg.reward.model_dir else ''}vLLM engine")
+        f"{'reward model, ' if cfg.reward.model_dir else ''}{'critic, ' if needs_critic(cfg) else ''}vLLM engine")
     t0 = time.perf_counter()
     group = make_worker_group(cfg, hf_dir)
     layout = Layout.from_infos(group.call("info"))

@@ -57,8 +57,10 @@ def _ranks_on_this_node() -> int:
 
 class Worker:
     def __init__(self, rank: int, world_size: int, master_port: int, cfg: Config, hf_dir: str):
-        os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(master_port))
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        from megatron_rpp.parallel.network import configure_rendezvous
+
+        # MASTER_ADDR: rank 0's node (set by the worker group); gloo/NCCL use the interface routing there
+        configure_rendezvous(master_port)
         self.cfg, self.rank, self.hf_dir = cfg, rank, hf_dir
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -108,9 +110,50 @@ class Worker:
         self.engine_groups = EngineGroups(world_size, engine_tensor_parallel_size(cfg))
         self.engine_group = self.engine_groups.group_of(rank)
         self._engine_dir: str | None = None
+        self._build_critic()
         self.engine = self._build_engine()  # collective: every rank builds its engine (part) at once
         claim_threads(self.num_threads)  # the CPU engine took torch's threads: give them back
         self.sync_weights()  # the engine starts with random weights: the trainer's arrive now
+
+    # ------------------------------------------------------------------ critic (estimators that need values)
+    def _build_critic(self) -> None:
+        """The critic shard + its own DDP and optimizer when the estimator needs values (else None)."""
+        from megatron_rpp.config.hyper import needs_critic
+
+        self.critic = self.critic_ddp = self.critic_optimizer = None
+        if not needs_critic(self.cfg):
+            return
+        from megatron_rpp.models.critic import build_critic
+        from megatron_rpp.trainer.optim import OptimConfig, wrap_for_training
+
+        c, t = self.cfg.critic, self.cfg.trainer
+        dtype = DTYPES[self.cfg.model.dtype]
+        self.critic, _ = build_critic(self.hf_dir, self.groups, model_dir=c.model_dir, dtype=dtype,
+                                      vocab_size=self.spec.vocab_size)
+        self.critic_ddp, self.critic_optimizer = wrap_for_training(
+            self.critic, OptimConfig(lr=c.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad), dtype=dtype)
+
+    def critic_values(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """The critic's V(s_t) [b, T] fp32 of every response token's state (models/critic.py: the
+        alignment), on the reporter rank (None elsewhere). Collective over this rank's TP×PP group."""
+        from megatron_rpp.models.critic import value_head
+        from megatron_rpp.models.scoring import forward_score
+
+        if self.critic is None:
+            raise RuntimeError("no critic on this worker (the estimator does not need values)")
+        out = forward_score(self.critic, self.groups, batch, value_head, **self._micro_batching())
+        return out if self.is_reporter else None
+
+    def _train_critic(self, batch: RolloutBatch, counts: dict, settings) -> dict:
+        """One critic optimizer step on this DP rank's share of the mini-batch; ``critic/``-prefixed metrics."""
+        import time
+
+        from megatron_rpp.trainer.update import value_update
+
+        t0 = time.perf_counter()
+        metrics = value_update(self.critic_ddp, self.critic_optimizer, self.groups, batch, counts,
+                               self.cfg.critic.clip_value, settings)
+        return {**{f"critic/{k}": v for k, v in metrics.items()}, "timing/critic_train": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ plumbing
     def _build_engine(self):
@@ -259,38 +302,55 @@ class Worker:
         return normalize_scores(scores, r.model_mean, r.model_std) if self.is_reporter else None
 
     # ------------------------------------------------------------------ training
-    def train(self, batch: RolloutBatch, counts: dict) -> dict:
-        """One optimizer step on this DP rank's share of a mini-batch.
+    def train(self, batch: RolloutBatch, counts: dict, update_policy: bool = True) -> dict:
+        """One optimizer step on this DP rank's share of a mini-batch (of the policy unless
+        ``update_policy`` is false, and of the critic when there is one).
 
         ``batch`` holds ``advantages``, ``rollout_log_probs``, ``old_log_probs`` (or None: then
         π_old = the detached current policy, exact when the rollout batch is trained in one
-        mini-batch for one epoch) and, for a KL loss, ``ref_log_probs``. ``counts`` holds the
-        mini-batch's global ``tokens`` and ``seqs`` (all DP ranks) and ``max_response_len``.
+        mini-batch for one epoch), for a KL loss ``ref_log_probs``, and with a critic ``values``
+        and ``returns``. ``counts`` holds the mini-batch's global ``tokens`` and ``seqs`` (all DP
+        ranks) and ``max_response_len``.
         """
         from megatron_rpp.config.hyper import policy_loss_config
         from megatron_rpp.trainer.update import StepSettings, policy_update
 
         settings = StepSettings(temperature=self.cfg.rollout.temperature,
                                 fused_output_layer=self.cfg.model.fused_output_layer, **self._micro_batching())
-        metrics = policy_update(self.ddp, self.optimizer, self.groups, batch, counts, policy_loss_config(self.cfg),
-                                settings)
-        return metrics if self.is_reporter else {k: metrics[k] for k in ("grad_norm", "update_ok", "lr")}
+        metrics = {}
+        if update_policy:
+            metrics = policy_update(self.ddp, self.optimizer, self.groups, batch, counts,
+                                    policy_loss_config(self.cfg), settings)
+        if self.critic is not None:
+            metrics.update(self._train_critic(batch, counts, settings))
+        if self.is_reporter:
+            return metrics
+        return {k: v for k, v in metrics.items() if k.rpartition("/")[2] in ("grad_norm", "update_ok", "lr")}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str) -> None:
-        """Write policy weights + optimizer state (Megatron dist checkpoint) and this rank's
-        RNG states into the checkpoint folder ``path`` (collective)."""
-        from megatron_rpp.checkpoint.train_state import MODEL_OPTIM_DIR, save_model_and_optimizer, save_rng
+        """Write policy weights + optimizer state (Megatron dist checkpoint), the critic's too when
+        there is one, and this rank's RNG states into the checkpoint folder ``path`` (collective)."""
+        from megatron_rpp.checkpoint.train_state import (CRITIC_OPTIM_DIR, MODEL_OPTIM_DIR, save_model_and_optimizer,
+                                                         save_rng)
 
         save_model_and_optimizer(self.policy, self.optimizer, Path(path) / MODEL_OPTIM_DIR)
+        if self.critic is not None:
+            save_model_and_optimizer(self.critic, self.critic_optimizer, Path(path) / CRITIC_OPTIM_DIR)
         save_rng(path, f"rank_{self.rank:05d}")
         dist.barrier()
 
     def load_checkpoint(self, path: str) -> dict:
         """Load what :meth:`save_checkpoint` wrote (at any DP size), then sync the engine."""
-        from megatron_rpp.checkpoint.train_state import MODEL_OPTIM_DIR, load_model_and_optimizer, load_rng
+        from megatron_rpp.checkpoint.train_state import (CRITIC_OPTIM_DIR, MODEL_OPTIM_DIR, load_model_and_optimizer,
+                                                         load_rng)
 
         load_model_and_optimizer(self.policy, self.optimizer, Path(path) / MODEL_OPTIM_DIR)
+        if self.critic is not None:
+            if not (Path(path) / CRITIC_OPTIM_DIR).is_dir():
+                raise FileNotFoundError(f"{path}: no {CRITIC_OPTIM_DIR}/ (the checkpoint has no critic; the run "
+                                        f"needs one for algorithm.estimator={self.cfg.algorithm.estimator})")
+            load_model_and_optimizer(self.critic, self.critic_optimizer, Path(path) / CRITIC_OPTIM_DIR)
         rng_restored = load_rng(path, f"rank_{self.rank:05d}", expect_ranks=dist.get_world_size())
         self.sync_weights()
         return {"rng_restored": rng_restored}

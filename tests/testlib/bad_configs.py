@@ -27,8 +27,10 @@ rollout.temperature=.nan                                  | rollout.temperature 
 rollout.gpu_memory_utilization=1.5                        | rollout.gpu_memory_utilization | a number in (0, 1]
 trainer.lr=0                                              | trainer.lr        | a finite number > 0
 trainer.seed=-1                                           | trainer.seed      | an integer in [0, 2147483647]
-algorithm.estimator=gae                                   | algorithm.estimator | needs a critic/value model
-algorithm.estimator=ppo2                                  | algorithm.estimator | allowed values: dr_grpo, grpo, reinforce_pp
+algorithm.estimator=gae critic.warmup_steps=100 trainer.steps=10 | critic.warmup_steps | must be < trainer.steps (10)
+algorithm.estimator=gae critic.clip_value=-0.1            | critic.clip_value | a finite number >= 0
+algorithm.lam=1.5                                         | algorithm.lam     | a number in [0, 1]
+algorithm.estimator=ppo2                                  | algorithm.estimator | allowed values: dr_grpo, gae, grpo, reinforce_pp
 reward.function=examples/reward_fns/short_answer.py:no_fn | reward.function   | no attribute
 algorithm.estimator=rloo rollout.n_samples_per_prompt=1   | rollout.n_samples_per_prompt | >= 2
 trainer.num_workers=3 model.tensor_parallel_size=2        | trainer.num_workers | multiple of

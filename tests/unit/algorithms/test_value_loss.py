@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -42,3 +44,23 @@ def test_errors():
         value_loss(x, x, torch.zeros(2, 2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="clip_range must be None or a finite number > 0"):
         value_loss(x, x, x, torch.ones(2, 3), clip_range=0.0)
+
+
+def test_explained_variance_hand_worked():
+    from megatron_rpp.algorithms import explained_variance
+
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0, 99.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])  # the masked 99 never counts
+    # values [1, 2, 2, 4]: errors [0, 0, 1, 0], mean 0.25, var (3·0.0625 + 0.5625)/4 = 0.1875;
+    # Var(returns) = 1.25 -> 1 − 0.1875/1.25 = 0.85
+    values = torch.tensor([[1.0, 2.0, 2.0, 4.0, -5.0]], dtype=F64)
+    assert explained_variance(values, returns, mask) == pytest.approx(0.85, abs=1e-12)
+    assert explained_variance(returns, returns, mask) == 1.0
+    # a constant (any constant) explains nothing; a shifted copy explains everything
+    assert explained_variance(torch.full_like(returns, 7.0), returns, mask) == pytest.approx(0.0, abs=1e-12)
+    assert explained_variance(returns + 3.0, returns, mask) == pytest.approx(1.0, abs=1e-12)
+    # worse than a constant: values [4, 3, 2, 1] -> errors [-3, -1, 1, 3], var 5 -> 1 − 5/1.25 = −3
+    assert explained_variance(torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]], dtype=F64), returns, mask) == pytest.approx(-3.0)
+    # nothing to explain: constant returns, or no token
+    assert math.isnan(explained_variance(values, torch.ones_like(returns), mask))
+    assert math.isnan(explained_variance(values, returns, torch.zeros_like(mask)))

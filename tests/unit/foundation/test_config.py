@@ -32,7 +32,7 @@ def test_overrides_and_types(tmp_path):
     [
         ("trainer.stepz=1", "trainer.stepz"),
         ("trainer.steps=abc", "trainer.steps"),
-        ("algorithm.estimator=ppo2", "allowed values: dr_grpo, grpo, reinforce_pp"),
+        ("algorithm.estimator=ppo2", "allowed values: dr_grpo, gae, grpo, reinforce_pp"),
         ("algorithm.kl_estimator=k9", "k1, k2, k3"),
         ("trainer.train_batch_size=7", "must divide"),
         ("trainer.num_workers=3", "multiple of"),

@@ -143,18 +143,54 @@ def test_a_bad_plugin_estimator_is_a_config_error(tmp_path, source, message):
 
 
 def test_needs_values_comes_from_the_registry_not_the_name():
+    """A critic is built for any estimator whose registry entry needs values (gae or a plug-in),
+    never for one that does not; the critic's checks run only then."""
     needs = AdvantageEstimator(lambda r, g, c: r, returns_as_advantages, needs_values=True)
     plain = AdvantageEstimator(lambda r, g, c: r, returns_as_advantages)
     ADVANTAGE_ESTIMATORS.register("test_needs_values", needs)
     ADVANTAGE_ESTIMATORS.register("test_plain", plain)
     try:
-        with pytest.raises(ConfigError, match=r"'test_needs_values' needs a critic/value model \(its registry entry "
-                                              r"has needs_values=True\).*allowed values: .*test_plain"):
-            load_config(None, ["algorithm.estimator=test_needs_values"])
-        load_config(None, ["algorithm.estimator=test_plain"])
+        for name, critic in (("test_needs_values", True), ("gae", True), ("test_plain", False),
+                             ("reinforce_pp", False)):
+            cfg = load_config(None, [f"algorithm.estimator={name}"])
+            assert hyper.needs_critic(cfg) is critic, name
+            bad = [f"algorithm.estimator={name}", "critic.warmup_steps=5", "trainer.steps=5"]
+            if critic:
+                with pytest.raises(ConfigError, match=r"critic.warmup_steps: must be < trainer.steps \(5\)"):
+                    load_config(None, bad)
+            else:
+                load_config(None, bad)  # no critic: its section is not used
     finally:
         ADVANTAGE_ESTIMATORS.unregister("test_needs_values")
         ADVANTAGE_ESTIMATORS.unregister("test_plain")
+
+
+def test_critic_folders_are_checked(tmp_path, folders):
+    tiny = json.loads((Path(folders["tiny"]) / "config.json").read_text())
+    policy = [f"model.hf_dir={folders['tiny']}", "algorithm.estimator=gae"]
+    load_config(None, policy)  # from the policy's trunk: LlamaForCausalLM has a score-head counterpart
+    with pytest.raises(ConfigError, match="critic.model_dir: .*nowhere' has no config.json"):
+        load_config(None, [*policy, f"critic.model_dir={tmp_path}/nowhere"])
+    with pytest.raises(ConfigError, match="critic.model_dir: .* is a LlamaForCausalLM, not a sequence-classification"):
+        load_config(None, [*policy, f"critic.model_dir={folders['tiny']}"])
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps({**tiny, "architectures": ["LlamaForSequenceClassification"],
+                                                "num_labels": 1}))
+    load_config(None, [*policy, f"critic.model_dir={rm}"])
+    (rm / "config.json").write_text(json.dumps({**tiny, "architectures": ["LlamaForSequenceClassification"],
+                                                "num_labels": 1, "vocab_size": 1000}))
+    with pytest.raises(ConfigError, match=r"critic.model_dir: vocab_size 1000 differs from the policy's 512"):
+        load_config(None, [*policy, f"critic.model_dir={rm}"])
+    (rm / "config.json").write_text(json.dumps({**tiny, "architectures": ["LlamaForSequenceClassification"],
+                                                "num_labels": 1}))
+    phi3 = tmp_path / "phi3"
+    phi3.mkdir()
+    (phi3 / "config.json").write_text(json.dumps({**tiny, "architectures": ["Phi3ForCausalLM"]}))
+    with pytest.raises(ConfigError, match="critic.model_dir: empty, so the critic starts from model.hf_dir, but "
+                                          "Phi3ForCausalLM has no sequence-classification counterpart"):
+        load_config(None, [f"model.hf_dir={phi3}", "algorithm.estimator=gae"])
+    load_config(None, [f"model.hf_dir={phi3}", "algorithm.estimator=gae", f"critic.model_dir={rm}"])
 
 
 def test_reward_plugins_are_resolved_and_type_checked(tmp_path):
