@@ -213,7 +213,7 @@ class MegatronCheckpointReader:
         return replace(spec, padded_vocab_size=rows if rows != spec.vocab_size else None)
 
     def _check_layout(self) -> None:
-        want = checkpoint_layout(self.arch, self.spec, self.meta.tp, self.meta.pp)
+        want = checkpoint_layout(self.arch, self.spec, self.meta.tp, self.meta.pp, self.meta.vpp)
         have = list(self.meta.params)
         if [p.name for p in have] != [p.name for p in want]:
             missing = sorted({p.name for p in want} - {p.name for p in have})

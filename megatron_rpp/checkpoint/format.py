@@ -100,11 +100,12 @@ class ParamLayout:
         return [(0, self.stage)] if self.partition_dim is None else [(r, self.stage) for r in range(tp)]
 
 
-def checkpoint_layout(arch, spec: ModelSpec, tp: int, pp: int) -> list[ParamLayout]:
-    """Every stored parameter of ``spec`` (as built at ``tp``) at TP=``tp``, PP=``pp``, in the table's order."""
-    validate_layout(spec, tp, pp)
+def checkpoint_layout(arch, spec: ModelSpec, tp: int, pp: int, vpp: int = 1) -> list[ParamLayout]:
+    """Every stored parameter of ``spec`` (as built at ``tp``) at TP=``tp``, PP=``pp`` (and ``vpp``
+    virtual-pipeline chunks per stage: a stage's file then holds its interleaved layers), in the table's order."""
+    validate_layout(spec, tp, pp * vpp)
     table = arch.param_table(spec)
-    return [ParamLayout(e.name, table.stage(e, pp), e.shape, e.partition_dim, e.gated) for e in table]
+    return [ParamLayout(e.name, table.stage(e, pp, vpp), e.shape, e.partition_dim, e.gated) for e in table]
 
 
 @dataclass
@@ -118,6 +119,7 @@ class CheckpointMetadata:
     hf_config: dict[str, Any]
     params: list[ParamLayout]
     files: dict[str, int] = field(default_factory=dict)  # file name -> size in bytes
+    vpp: int = 1  # virtual-pipeline chunks per stage of the saving layout (absent in older files: 1)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 

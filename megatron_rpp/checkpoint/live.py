@@ -40,7 +40,8 @@ from megatron_rpp.parallel.groups import ParallelGroups
 def load_megatron_checkpoint(
     model, groups: ParallelGroups, ckpt_dir: str | Path, *, allow_dtype_cast: bool = False
 ) -> CheckpointMetadata:
-    """Fill this rank's shard of ``model`` from ``ckpt_dir`` (saved at any TP/PP).
+    """Fill this rank's shard of ``model`` (one GPTModel or its virtual-pipeline chunks) from
+    ``ckpt_dir`` (saved at any TP/PP/VPP).
 
     ``model`` must be built from ``spec.for_tp(groups.tp_size)`` of the checkpoint's HF
     config. Every parameter this rank owns must be in the checkpoint and every
@@ -54,7 +55,7 @@ def load_megatron_checkpoint(
     """
     ckpt = MegatronCheckpointReader(ckpt_dir)
     meta = ckpt.meta
-    expected = {e.name for e in ckpt.table if ckpt.table.stage(e, groups.pp_size) == groups.pp_rank}
+    expected = {e.name for e in ckpt.table if ckpt.table.stage(e, groups.pp_size, groups.vpp_size) == groups.pp_rank}
     seen: set[str] = set()
     with torch.no_grad():
         for name, p in iter_local_params(model, with_tied_copy=True):
@@ -108,7 +109,7 @@ def save_megatron_checkpoint(
     check_output_dir(out, overwrite)  # every rank sees the same filesystem: all raise or none
     arch, base_spec = resolve_architecture(hf_config)
     spec = base_spec.for_tp(groups.tp_size)
-    layout = checkpoint_layout(arch, spec, groups.tp_size, groups.pp_size)
+    layout = checkpoint_layout(arch, spec, groups.tp_size, groups.pp_size, groups.vpp_size)
     by_name = {p.name: p for p in layout}
     dtype = next(model.parameters()).dtype
     tmp = out.parent / f".{out.name}.partial"
@@ -138,7 +139,8 @@ def save_megatron_checkpoint(
             copy_hf_side_files(Path(hf_files_from), tmp / HF_FILES_DIR)
         (tmp / HF_FILES_DIR).mkdir(exist_ok=True)
         (tmp / HF_FILES_DIR / "config.json").write_text(json.dumps(hf_config, indent=2))
-        meta = CheckpointMetadata(arch.name, groups.tp_size, groups.pp_size, DTYPE_NAMES[dtype], dict(hf_config), layout)
+        meta = CheckpointMetadata(arch.name, groups.tp_size, groups.pp_size, DTYPE_NAMES[dtype], dict(hf_config), layout,
+                                  vpp=groups.vpp_size)
         write_metadata(tmp, meta)
         publish_output_dir(tmp, out, overwrite)
     dist.barrier(group=world)

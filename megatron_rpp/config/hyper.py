@@ -1,5 +1,6 @@
-"""The one adapter from :class:`Config` to the small hyperparameter dataclasses of the algorithms
-and the rollout engine (``AdvantageConfig``, ``PolicyLossConfig``, ``SamplingConfig``).
+"""The one adapter from :class:`Config` to the small hyperparameter dataclasses of the algorithms,
+the rollout engine and the model provider (``AdvantageConfig``, ``PolicyLossConfig``,
+``SamplingConfig``, ``ModelOptions``).
 
 The trainer builds them here, and :func:`~megatron_rpp.config.validate.validate` builds them
 here too at load time, so their own checks run before any model or engine exists. Each
@@ -11,6 +12,7 @@ from __future__ import annotations
 from megatron_rpp.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
 from megatron_rpp.algorithms.policy_loss import PolicyLossConfig
 from megatron_rpp.config.schema import Config
+from megatron_rpp.models.provider import ModelOptions
 from megatron_rpp.rollout.engine import SamplingConfig
 
 ADVANTAGE_KEYS = {"estimator": "algorithm.estimator", "gamma": "algorithm.gamma", "lam": "algorithm.lam",
@@ -55,6 +57,13 @@ def sampling_config(cfg: Config, *, n: int, temperature: float) -> SamplingConfi
     return SamplingConfig(temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
                           top_k=r.top_k if temperature > 0 else -1, max_tokens=cfg.model.max_response_length,
                           n=n, seed=None)
+
+
+def model_options(cfg: Config) -> ModelOptions:
+    """How Megatron runs the policy, reference and reward model (sequence parallelism, recompute)."""
+    m = cfg.model
+    return ModelOptions(sequence_parallel=m.sequence_parallel, recompute=m.recompute,
+                        recompute_num_layers=m.recompute_num_layers)
 
 
 # ----------------------------------------------------------------------------- rollout engine layout (issue 14)

@@ -21,6 +21,28 @@ class ModelConfig:
     and the vocabulary are padded to a multiple of it. Checked against ``config.json`` at load time."""
     pipeline_parallel_size: int = 1
     """Megatron pipeline-parallel size (must divide the number of layers; checked at load time)."""
+    virtual_pipeline_size: int = 1
+    """Model chunks per pipeline stage: Megatron's interleaved 1F1B schedule (1 = plain 1F1B). Stage p
+    holds virtual stages p, p + PP, ...; the pipeline bubble shrinks by this factor for more p2p
+    messages. > 1 needs ``pipeline_parallel_size`` > 1, and PP × this must divide the number of layers.
+    Fewer micro-batches than a multiple of PP are padded with zero-weight repeats (docs/parallelism.md)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: norms, dropout and the residual stream are split along the sequence
+    over the TP ranks (their activation memory / TP; all-reduces become reduce-scatter + all-gather). Needs
+    ``tensor_parallel_size`` > 1; sequences are padded to a multiple of TP. Works with ``fused_output_layer``."""
+    context_parallel_size: int = 1
+    """Context parallelism (one sequence split over ranks inside attention). Only 1 is supported:
+    megatron-core 0.16.1 implements it in Transformer Engine's attention only (its local attention asserts
+    1), and the trainer does not split sequences per CP rank (docs/parallelism.md)."""
+    recompute: str = "none"
+    """Activation recompute in the training backward: ``none``; ``selective`` (Megatron's ``core_attn``:
+    the attention softmax and its inputs are recomputed, not stored); ``full`` (only the input of every
+    ``recompute_num_layers`` layers is kept, the layers run again in the backward: least memory, ~1/3 more
+    compute). Results are the same; scoring (no backward) is unaffected."""
+    recompute_num_layers: int = 1
+    """With ``recompute: full``: layers per recomputed unit (Megatron's uniform method). Must divide the
+    layers of one pipeline chunk, num_hidden_layers / (PP × VPP); 1 = every layer (least memory). Must stay
+    1 unless ``recompute`` is ``full``."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens (after the chat template) are skipped and counted."""
     max_response_length: int = 128
@@ -213,6 +235,12 @@ class TrainerConfig:
     """Adam weight decay."""
     clip_grad: float = 1.0
     """Clip the global gradient norm (all ranks) to this value before each optimizer step."""
+    distributed_optimizer: bool = True
+    """Megatron's distributed optimizer (ZeRO-1): Adam moments and fp32 main parameters sharded over the
+    data-parallel ranks (optimizer memory / DP), gradients reduce-scattered, parameters all-gathered after
+    the step. On by default, which is what a run with DP > 1 needs; at DP = 1 it holds one shard and takes
+    the plain optimizer's steps. ``false``: every DP rank holds the whole optimizer state. A checkpoint
+    resumes only with the same setting (any DP size)."""
     seed: int = 1234
     """Seed of model init, sampling and data order."""
     output_dir: str = "outputs/run"

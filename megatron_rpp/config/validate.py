@@ -15,10 +15,11 @@ What is checked (each failure is a :class:`ConfigError` naming the key and what 
 - the algorithm, loss and sampling hyperparameter dataclasses are built from the config
   (:mod:`megatron_rpp.config.hyper`, the same builders the trainer uses), so their own checks
   run now; their errors are reported under the config key;
-- layouts: ``trainer.num_workers`` against TP × PP, batch divisibility, and, when
-  ``model.hf_dir`` (or ``reward.model_dir``, ``critic.model_dir``) is a local folder with ``config.json``, layers,
-  heads and FFN size against the TP/PP sizes and the context length against
-  ``max_position_embeddings``;
+- layouts: ``trainer.num_workers`` against TP × PP, batch divisibility, the parallelism and
+  memory switches (virtual pipeline, sequence parallel, recompute, context parallel) against
+  each other, and, when ``model.hf_dir`` (or ``reward.model_dir``, ``critic.model_dir``) is a local folder with
+  ``config.json``, layers, heads and FFN size against the TP/PP/VPP sizes (and the recompute
+  unit) and the context length against ``max_position_embeddings``;
 - the rollout engine layout (issue 14): ``rollout.tensor_parallel_size`` against
   ``trainer.num_workers`` and ``model.tensor_parallel_size`` (both named in the error), the
   engine's FFN and vocabulary split against a local ``config.json``, and
@@ -43,7 +44,8 @@ SEED_MAX = 2**31 - 1
 
 #: Integer fields: the smallest allowed value.
 AT_LEAST = {
-    "model.tensor_parallel_size": 1, "model.pipeline_parallel_size": 1, "model.max_prompt_length": 1,
+    "model.tensor_parallel_size": 1, "model.pipeline_parallel_size": 1, "model.virtual_pipeline_size": 1,
+    "model.context_parallel_size": 1, "model.recompute_num_layers": 1, "model.max_prompt_length": 1,
     "model.max_response_length": 1, "data.num_train_prompts": 1, "data.num_eval_prompts": 0,
     "reward.num_workers": 0, "reward.remote_max_retries": 0, "reward.remote_batch_size": 1,
     "rollout.n_samples_per_prompt": 1, "rollout.rollout_batch_size": 1, "rollout.bucket_mb": 1,
@@ -101,6 +103,7 @@ def validate(cfg: Config) -> None:
     _check_critic(cfg)
     _check_reward(cfg)
     _check_hyperparameters(cfg)
+    _check_parallelism(cfg)
     _check_batches(cfg)
     _check_model_folders(cfg)
     _check_engine_layout(cfg)
@@ -122,9 +125,11 @@ def _choice(key: str, value: Any, allowed: list) -> None:
 def _check_choices(cfg: Config) -> None:
     from megatron_rpp.algorithms.aggregation import AGGREGATIONS
     from megatron_rpp.algorithms.kl import KL_ESTIMATORS
+    from megatron_rpp.models.provider import RECOMPUTE
 
     a = cfg.algorithm
     _choice("model.dtype", cfg.model.dtype, ["fp32", "bf16"])
+    _choice("model.recompute", cfg.model.recompute, list(RECOMPUTE))
     _choice("data.source", cfg.data.source, ["reasoning_gym", "jsonl", "parquet"])
     _choice("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS.names())
     _choice("algorithm.kl_loss_estimator", a.kl_loss_estimator, KL_ESTIMATORS.names())
@@ -263,6 +268,26 @@ def _check_hyperparameters(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- layouts
 
 
+def _check_parallelism(cfg: Config) -> None:
+    """The parallelism and memory switches against each other (model folders: ``layout_problems``)."""
+    m = cfg.model
+    if m.context_parallel_size != 1:
+        raise ConfigError(
+            f"model.context_parallel_size: only 1 is supported, got {m.context_parallel_size}: megatron-core 0.16.1 "
+            "implements context parallelism only in Transformer Engine's attention (its local DotProductAttention "
+            "asserts 1) and this trainer does not split sequences per CP rank (docs/parallelism.md)"
+        )
+    if m.virtual_pipeline_size > 1 and m.pipeline_parallel_size < 2:
+        raise ConfigError(f"model.virtual_pipeline_size: {m.virtual_pipeline_size} needs "
+                          f"model.pipeline_parallel_size > 1 (got {m.pipeline_parallel_size}); allowed here: 1")
+    if m.sequence_parallel and m.tensor_parallel_size < 2:
+        raise ConfigError("model.sequence_parallel: needs model.tensor_parallel_size > 1 (the sequence is split "
+                          f"over the TP ranks; got {m.tensor_parallel_size}); allowed here: false")
+    if m.recompute != "full" and m.recompute_num_layers != 1:
+        raise ConfigError(f"model.recompute_num_layers: only used with model.recompute=full (got recompute="
+                          f"{m.recompute!r}); must be 1 here, got {m.recompute_num_layers}")
+
+
 def _check_batches(cfg: Config) -> None:
     m, r, t = cfg.model, cfg.rollout, cfg.trainer
     mp = m.tensor_parallel_size * m.pipeline_parallel_size
@@ -351,7 +376,8 @@ def _check_model_folders(cfg: Config) -> None:
             continue
         config_json = folder / "config.json"
         spec = specs[key] = _model_spec(key, config_json, m.tensor_parallel_size)
-        problems = layout_problems(spec, m.tensor_parallel_size, m.pipeline_parallel_size)
+        problems = layout_problems(spec, m.tensor_parallel_size, m.pipeline_parallel_size, m.virtual_pipeline_size,
+                                   recompute_num_layers=m.recompute_num_layers if m.recompute == "full" else 1)
         if problems:
             raise ConfigError("; ".join(f"{k}: {v} of {config_json} ({key})" for k, v in problems.items()))
         context = m.max_prompt_length + m.max_response_length
@@ -383,12 +409,13 @@ def _model_spec(key: str, config_json: Path, tp: int) -> Any:
         raise ConfigError(f"{key}: {config_json}: {type(e).__name__}: {e}") from None
 
 
-def layout_problems(spec: Any, tp: int, pp: int) -> dict[str, str]:
-    """What of ``spec`` cannot be split at TP=``tp`` × PP=``pp``: ``{config key: problem}``.
+def layout_problems(spec: Any, tp: int, pp: int, vpp: int = 1, *, recompute_num_layers: int = 1) -> dict[str, str]:
+    """What of ``spec`` cannot be split at TP=``tp`` × PP=``pp`` (× ``vpp`` chunks per stage):
+    ``{config key: problem}``.
 
     KV heads are padded to a multiple of ``tp`` by ``ModelSpec.for_tp`` and the vocabulary is
-    padded too, so neither blocks a layout; layers must split evenly over the PP stages and the
-    FFN over the TP ranks.
+    padded too, so neither blocks a layout; layers must split evenly over the PP × VPP virtual
+    stages (and a chunk's layers into recompute units) and the FFN over the TP ranks.
     """
     out = {}
     heads = (("num_attention_heads after KV-group padding", spec.megatron_attention_heads),
@@ -398,4 +425,10 @@ def layout_problems(spec: Any, tp: int, pp: int) -> dict[str, str]:
         out["model.tensor_parallel_size"] = f"{tp} must divide {' and '.join(bad_tp)}"
     if spec.num_layers % pp:
         out["model.pipeline_parallel_size"] = f"{pp} must divide num_hidden_layers ({spec.num_layers})"
+    elif spec.num_layers % (pp * vpp):
+        out["model.virtual_pipeline_size"] = (f"model.pipeline_parallel_size × model.virtual_pipeline_size "
+                                              f"({pp} × {vpp}) must divide num_hidden_layers ({spec.num_layers})")
+    elif (spec.num_layers // (pp * vpp)) % recompute_num_layers:
+        out["model.recompute_num_layers"] = (f"{recompute_num_layers} must divide the layers of one pipeline chunk, "
+                                             f"num_hidden_layers / (PP × VPP) = {spec.num_layers // (pp * vpp)}")
     return out

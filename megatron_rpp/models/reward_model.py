@@ -28,17 +28,24 @@ class ScalarHead(torch.nn.Module):
     Takes the call GPTModel makes on its (vocab-parallel) output layer and returns
     ``(output, bias)`` like it. The weight ``score.weight`` [1, H] is replicated on every
     TP rank, not sharded: its input (the final-norm hidden states) is already whole and
-    identical on every TP rank, so every rank computes the same scores.
+    identical on every TP rank, so every rank computes the same scores. With sequence
+    parallelism (``tp_group`` given) the input is this rank's [S/tp, B, H] slice and is
+    all-gathered along the sequence first, as Megatron's own output layer does.
     """
 
-    def __init__(self, hidden_size: int, num_labels: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, num_labels: int, dtype: torch.dtype, *, tp_group=None):
         super().__init__()
         self.score = torch.nn.Linear(hidden_size, num_labels, bias=False, dtype=dtype)
+        self.sequence_parallel_group = tp_group
 
     def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
         if weight is not None:
             raise ValueError("a score head is never tied to the embedding (build with tie_word_embeddings=False)")
+        if self.sequence_parallel_group is not None:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.sequence_parallel_group)
         return self.score(hidden_states), None
 
 
@@ -50,20 +57,25 @@ def reward_architectures() -> list[str]:
 
 
 def build_reward_model(
-    hf_dir: str | Path, groups: ParallelGroups, *, dtype: torch.dtype = torch.float32, vocab_size: int | None = None
+    hf_dir: str | Path, groups: ParallelGroups, *, dtype: torch.dtype = torch.float32, vocab_size: int | None = None,
+    options=None,
 ):
     """This rank's shard of the reward model in ``hf_dir``, weights loaded, in eval mode, frozen.
 
     Args:
         vocab_size: the policy's vocabulary size, when the reward model scores the policy's
             token ids (it must then share the policy's tokenizer); a mismatch is an error.
+        options: the policy's ``provider.ModelOptions`` (sequence parallelism must match the
+            policy's layout; recompute does not matter for a forward-only model).
     Returns:
         ``(model, spec)``; the model's forward gives scores [B, S, 1] on the last stage.
     """
     from megatron_rpp.checkpoint.hf_loader import load_hf_weights
     from megatron_rpp.models.architectures import architecture_for_config
-    from megatron_rpp.models.provider import build_gpt_model
+    from megatron_rpp.models.provider import ModelOptions, build_model
     from megatron_rpp.models.spec import load_hf_config
+
+    options = options or ModelOptions()
 
     hf_config = load_hf_config(hf_dir)
     arch = architecture_for_config(hf_config)
@@ -78,7 +90,7 @@ def build_reward_model(
             f"reward model {str(hf_dir)!r} has vocab_size {spec.vocab_size}, the policy {vocab_size}: "
             "the reward model scores the policy's token ids and must share its tokenizer"
         )
-    model = build_gpt_model(spec, groups, dtype=dtype)
+    model = build_model(spec, groups, dtype=dtype, options=options)
     load_hf_weights(model, groups, arch, spec, hf_dir)
     model.eval().requires_grad_(False)
     return model, spec

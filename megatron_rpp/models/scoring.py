@@ -29,9 +29,10 @@ Head = Callable[[Tensor, RolloutBatch, Tensor, Tensor], Tensor]
 
 
 def to_micro_batches(batch: RolloutBatch, micro_batch_size: int, device: torch.device | str, max_tokens: int = 0):
-    """Megatron micro-batches of ``batch`` (length-sorted, trimmed, on ``device``; a token budget
-    when ``max_tokens``, see :func:`~megatron_rpp.data.rollout_batch.micro_batch_indices`); each
-    carries ``extras = {"batch": rows, "rows": indices, "resp_index": [b, T']}``."""
+    """Megatron micro-batches of ``batch`` (length-sorted, trimmed, every tensor moved to
+    ``device``: the model's, ``pipeline.model_device(model)``; a token budget when ``max_tokens``,
+    see :func:`~megatron_rpp.data.rollout_batch.micro_batch_indices`); each carries
+    ``extras = {"batch": rows, "rows": indices, "resp_index": [b, T']}``."""
     from megatron_rpp.models.pipeline import MicroBatch
 
     out = []
@@ -60,10 +61,9 @@ def forward_score(model, groups: ParallelGroups, batch: RolloutBatch, head: Head
     Returns:
         [B, ...] on the last pipeline stage (CPU); None on other stages.
     """
-    from megatron_rpp.models.pipeline import forward_backward, unwrap
+    from megatron_rpp.models.pipeline import forward_backward, model_device
 
-    device = next(unwrap(model).parameters()).device
-    mbs = to_micro_batches(batch, micro_batch_size, device, max_tokens)
+    mbs = to_micro_batches(batch, micro_batch_size, model_device(model), max_tokens)
 
     def loss_fn(output, mb):
         e = mb.extras
@@ -117,6 +117,7 @@ def token_log_probs(output: Tensor, model, mb: RolloutBatch, input_ids: Tensor, 
 
     Shape: output [b, S, H] (``fused``) or [b, S, V/tp] -> ([b, T] fp32, [b, T] fp32 or None).
     """
+    from megatron_rpp.models.pipeline import unwrap
     from megatron_rpp.models.provider import real_vocab_size
 
     mask = mb.response_mask
@@ -125,7 +126,8 @@ def token_log_probs(output: Tensor, model, mb: RolloutBatch, input_ids: Tensor, 
         from megatron_rpp.models.lm_head import output_weight, response_log_probs
 
         return response_log_probs(output, output_weight(model), input_ids, resp_index, mask, tp_group=tp_group,
-                                  temperature=temperature, with_entropy=with_entropy, vocab_size=vocab_size)
+                                  temperature=temperature, with_entropy=with_entropy, vocab_size=vocab_size,
+                                  sequence_parallel=unwrap(model).config.sequence_parallel)
     from megatron_rpp.kernels import vocab_parallel_log_probs
 
     out = vocab_parallel_log_probs(output[:, :-1], input_ids[:, 1:], tp_group=tp_group, temperature=temperature,

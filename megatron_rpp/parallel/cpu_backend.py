@@ -18,6 +18,7 @@ CUDA RNG tracker (``tensor_parallel.random``)          backed by the CPU generat
 literal ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")``  a TorchFunctionMode maps them to CPU
 ``param.grad.type() == 'torch.cuda.FloatTensor'``      the mode reports float32 CPU tensors so
 ``communication_utils._is_cuda``                      accepts CPU tensors
+activation recompute (``CheckpointFunction.backward``)  runs under a mode of its own
 =================================================  ===================================
 
 Wrong results without an error: with an interleaved pipeline at PP=2 on gloo, set
@@ -142,6 +143,21 @@ def _patch_megatron_rng() -> None:
     mrandom.CudaRNGStatesTracker.add = add
 
 
+def _patch_megatron_recompute() -> None:
+    """Activation recompute runs forward code inside the backward pass, where the mode is off
+    (a mode is switched off while its handler runs, and ``torch.autograd.backward`` is such a
+    call): the recompute entry point gets a mode of its own."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    original = mrandom.CheckpointFunction.backward
+
+    def backward(ctx, *grads):
+        with CudaToCpuMode():
+            return original(ctx, *grads)
+
+    mrandom.CheckpointFunction.backward = staticmethod(backward)
+
+
 def _patch_megatron_inference() -> None:
     try:
         from megatron.core.inference import communication_utils
@@ -165,6 +181,7 @@ def apply_cpu_backend() -> bool:
         return False
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_recompute()
     _patch_megatron_inference()
     CudaToCpuMode().__enter__()  # stays active for the life of the process
     _APPLIED = True

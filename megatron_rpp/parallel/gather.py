@@ -10,9 +10,13 @@ provider stamps ``tp_gated`` on every parameter from it, next to Megatron's own
 ``tensor_model_parallel`` / ``partition_dim``.
 
 Model naming (:func:`iter_local_params`): Megatron names a stage's layers with local
-indices; these helpers use global ones (``decoder.layers.{global index}...``). The last
+indices; these helpers use global ones (``decoder.layers.{global index}...``), in the
+canonical (local layer spec) naming scheme whatever spec the model was built with (a
+Transformer-Engine model's ``linear_qkv.layer_norm_weight`` is ``input_layernorm.weight``
+here: the provider stamps the renaming on the model, ``megatron_rpp_canonical``). The last
 stage's copy of a tied embedding (``output_layer.weight`` marked ``shared_embedding``) is
-the embedding: it goes by the embedding's name, here and only here.
+the embedding: it goes by the embedding's name, here and only here. A *model* is one
+GPTModel or the list of a stage's virtual-pipeline chunks (each possibly DDP-wrapped).
 """
 from __future__ import annotations
 
@@ -80,13 +84,26 @@ def gather_tp(tensor: torch.Tensor, groups: ParallelGroups, *, partition_dim: in
 # ----------------------------------------------------------------------------- model naming
 
 
-def global_name(local_name: str, layer_offset: int) -> str:
-    """``decoder.layers.{i}.x`` (local index on this stage) -> ``decoder.layers.{i + offset}.x``."""
+def global_name(local_name: str, layer_offset: int, rename: dict[str, str] | None = None) -> str:
+    """``decoder.layers.{i}.x`` (local index on this stage) -> ``decoder.layers.{i + offset}.x``;
+    ``rename`` maps names (layer-relative ``x`` for layer parameters) onto another scheme."""
     prefix = "decoder.layers."
+    rename = rename or {}
     if not local_name.startswith(prefix):
-        return local_name
+        return rename.get(local_name, local_name)
     idx, rest = local_name[len(prefix):].split(".", 1)
-    return f"{prefix}{int(idx) + layer_offset}.{rest}"
+    return f"{prefix}{int(idx) + layer_offset}.{rename.get(rest, rest)}"
+
+
+def model_chunks(model) -> list:
+    """The GPTModels of a model: ``[model]``, or a stage's virtual-pipeline chunks in chunk
+    order; DDP / Float16Module wrappers removed."""
+    out = []
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        out.append(chunk)
+    return out
 
 
 def layer_offset(model) -> int:
@@ -98,19 +115,20 @@ def layer_offset(model) -> int:
 
 
 def iter_local_params(model, *, with_tied_copy: bool = False) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """``(global megatron name, parameter)`` for this stage, in a fixed order.
+    """``(global canonical megatron name, parameter)`` for this stage, in a fixed order.
 
     The last stage's copy of a tied embedding is named as the embedding
     (:data:`EMBEDDING_WEIGHT`) and skipped unless ``with_tied_copy`` (the first stage owns
     that weight; loaders fill the copy too).
     """
-    offset = layer_offset(model)
-    for name, p in model.named_parameters():
-        if name == "output_layer.weight" and getattr(p, "shared_embedding", False):  # the tied copy
-            if with_tied_copy:
-                yield EMBEDDING_WEIGHT, p
-            continue
-        yield global_name(name, offset), p
+    for chunk in model_chunks(model):
+        offset, rename = layer_offset(chunk), getattr(chunk, "megatron_rpp_canonical", None)
+        for name, p in chunk.named_parameters():
+            if name == "output_layer.weight" and getattr(p, "shared_embedding", False):  # the tied copy
+                if with_tied_copy:
+                    yield EMBEDDING_WEIGHT, p
+                continue
+            yield global_name(name, offset, rename), p
 
 
 def _tp_layout(name: str, p: torch.nn.Parameter) -> tuple[int | None, bool]:

@@ -5,6 +5,7 @@ groups explicitly to every collective.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ class ParallelGroups:
 
     ``tp_ranks`` / ``pp_ranks`` / ``dp_ranks`` are the global ranks of each group in
     group order, so ``pp_ranks[-1]`` is the last pipeline stage of this rank's pipeline.
+    ``vpp_size``: model chunks per pipeline stage (Megatron's virtual pipeline; 1 = none):
+    stage p then holds the layers of virtual stages p, p + pp, p + 2 pp, ...
     """
 
     tp_group: Any
@@ -33,6 +36,7 @@ class ParallelGroups:
     tp_ranks: tuple[int, ...]
     pp_ranks: tuple[int, ...]
     dp_ranks: tuple[int, ...]
+    vpp_size: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -69,22 +73,25 @@ class ParallelGroups:
             tp_ranks=tuple(dist.get_process_group_ranks(tp)),
             pp_ranks=tuple(dist.get_process_group_ranks(pp)),
             dp_ranks=tuple(dist.get_process_group_ranks(dp)),
+            vpp_size=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
         )
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> ParallelGroups:
+def initialize_parallel(tp: int = 1, pp: int = 1, *, vpp: int = 1, seed: int = 1234) -> ParallelGroups:
     """Build Megatron's TP×PP×DP groups over the already-initialised world.
 
     Applies the CPU backend first when this process has no CUDA. DP size is
-    ``world_size / (tp * pp)``.
+    ``world_size / (tp * pp)``. ``vpp`` > 1: the interleaved (virtual) pipeline with
+    ``vpp`` model chunks per stage (needs ``pp`` > 1).
 
     Raises:
-        ValueError: when ``tp * pp`` does not divide the world size.
+        ValueError: when ``tp * pp`` does not divide the world size, or ``vpp`` > 1 at ``pp`` = 1.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_rpp.parallel.cpu_backend import apply_cpu_backend
+    from megatron_rpp.parallel.pipeline_fixes import apply_pipeline_fixes
 
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel needs torch.distributed initialised first")
@@ -93,13 +100,17 @@ def initialize_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> Parall
         raise ValueError(
             f"tensor_parallel_size ({tp}) × pipeline_parallel_size ({pp}) must divide the world size ({world})"
         )
+    if vpp < 1 or (vpp > 1 and pp < 2):
+        raise ValueError(f"virtual_pipeline_size ({vpp}) > 1 needs pipeline_parallel_size > 1 (got {pp})")
+    apply_pipeline_fixes()
     if not torch.cuda.is_available():
         apply_cpu_backend()
     else:
-        torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return ParallelGroups.from_megatron()

@@ -1,9 +1,12 @@
-"""Run a function on N real gloo ranks (spawned processes) and collect per-rank results.
+"""Run a function on N real ranks (spawned processes) and collect per-rank results.
 
 Used by the distributed tests and by tools that need a short-lived Megatron world
 (e.g. ``tools/convert_checkpoints/verify.py``). Failures never hang: the first rank
 that raises is re-raised in the caller with its traceback, and a world that does
 not finish within ``timeout`` seconds is torn down.
+
+The process group is NCCL when CUDA is available (rank r on device r mod #GPUs), gloo
+otherwise (:func:`default_backend`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, fn, args, kwargs, env, results) -> None:
+def default_backend(cuda_available: bool | None = None) -> str:
+    """``"nccl"`` with CUDA, ``"gloo"`` without (``cuda_available``: default ``torch.cuda.is_available()``)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "nccl" if cuda_available else "gloo"
+
+
+def _rank_main(rank, world_size, port, fn, args, kwargs, env, results, backend) -> None:
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -42,7 +54,9 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, env, results) -> None:
         import torch.distributed as dist
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         try:
             out = fn(*args, **kwargs)
         finally:
@@ -70,13 +84,15 @@ def run_ranks(
     *args: Any,
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
+    backend: str | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned gloo ranks.
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks.
 
     ``fn`` must be importable by name (a module-level function). Each rank has
-    ``torch.distributed`` initialised (gloo, ranks 0..N-1 on 127.0.0.1) before ``fn``
-    runs, and torn down (Megatron's model parallel state included) after.
+    ``torch.distributed`` initialised (``backend``, default :func:`default_backend`; ranks
+    0..N-1 on 127.0.0.1) before ``fn`` runs, and torn down (Megatron's model parallel state
+    included) after.
 
     Returns:
         ``[result of rank 0, ..., result of rank N-1]`` (results are pickled).
@@ -90,10 +106,13 @@ def run_ranks(
     results = ctx.Queue()
     port = free_port()
     child_env = dict(env or {})
+    backend = backend or default_backend()
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend {backend!r}; supported: gloo, nccl")
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(r, world_size, port, fn, args, kwargs, child_env, results),
+            args=(r, world_size, port, fn, args, kwargs, child_env, results, backend),
             daemon=False,  # a rank may start children (dist_checkpointing's writer Manager); killed in finally
         )
         for r in range(world_size)

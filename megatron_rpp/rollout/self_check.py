@@ -91,8 +91,9 @@ def trainer_sequence_log_probs(
     if lp is None:
         lp = torch.empty(batch.response_ids.shape)
     if groups.pp_size > 1:
-        device = next(model.parameters()).device
-        lp = lp.to(device)
+        from megatron_rpp.models.pipeline import model_device
+
+        lp = lp.to(model_device(model))  # NCCL moves only device tensors
         dist.broadcast(lp, src=groups.pp_ranks[-1], group=groups.pp_group)
     return [lp[i, : len(s) - 1].cpu() for i, s in enumerate(sequences)]
 
@@ -121,8 +122,9 @@ def check_engine_matches_trainer(
     engine_lp = engine.score([list(s[:1]) for s in sequences], [list(s[1:]) for s in sequences])
     diffs = [(e - t).abs() for e, t in zip(engine_lp, trainer)]
     flat = torch.cat(diffs)
-    local = torch.tensor([float(flat.max()), float(flat.mean())], dtype=torch.float64)
-    worst = local.clone()
+    from megatron_rpp.models.pipeline import model_device
+
+    worst = torch.tensor([float(flat.max()), float(flat.mean())], dtype=torch.float64, device=model_device(model))
     for group in (groups.mp_group, groups.dp_group):  # every rank ends with the world's worst
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     result = {"max_abs_diff": float(worst[0]), "mean_abs_diff": float(worst[1]), "num_tokens": int(flat.numel())}

@@ -2,6 +2,9 @@
 
 Every rank holds (its part of) a colocated engine: one per engine group of
 ``rollout.tensor_parallel_size`` = k consecutive ranks (``rollout/engine_layout.py``).
+With a virtual pipeline a stage owns every PP-th chunk of layers
+(``ParamTable.stage(entry, pp, vpp)``), so ownership changes at every chunk boundary and a
+bucket never spans two chunks.
 
 **All-gather path** (any layout): every engine rank needs every parameter in full (vLLM's
 loaders take the rank's slice), so each parameter travels from the pipeline stage that owns
@@ -169,7 +172,7 @@ def build_plan(model, groups: ParallelGroups, spec: ModelSpec, arch, *, direct: 
     table = arch.param_table(spec)
     tp, pp = groups.tp_size, groups.pp_size
     slots = [
-        ParamSlot(e.name, table.stage(e, pp), e.shard_shape(tp), e.partition_dim is not None and tp > 1,
+        ParamSlot(e.name, table.stage(e, pp, groups.vpp_size), e.shard_shape(tp), e.partition_dim is not None and tp > 1,
                   -1 if e.partition_dim is None else e.partition_dim, e.gated, e.role,
                   gather=not direct or vllm_shards.shard_kind(e.role, spec, tp) == vllm_shards.VOCAB_GATHER)
         for e in table
@@ -187,7 +190,7 @@ def build_plan(model, groups: ParallelGroups, spec: ModelSpec, arch, *, direct: 
 
 def _check_stage(model, slots: list[ParamSlot], stage: int, arch_name: str) -> str | None:
     """Why this stage's parameters do not match the table's slots of ``stage`` (None when they do)."""
-    local = {name: p for name, p in iter_local_params(_unwrap(model))}
+    local = {name: p for name, p in iter_local_params(model)}
     mine = {s.name: s for s in slots if s.stage == stage}
     missing, extra = sorted(set(mine) - set(local)), sorted(set(local) - set(mine))
     if missing or extra:
@@ -235,12 +238,6 @@ def plan_buckets(slots: list[ParamSlot], *, tp: int, element_size: int, bucket_b
         cur_bytes += nbytes
     close()
     return buckets
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _pack_local(bucket: Bucket, params: dict[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -416,7 +413,8 @@ def sync_weights(
     """Push this world's current Megatron weights into ``engine`` (collective over the world).
 
     Args:
-        model: this rank's Megatron model shard (DDP/Float16 wrappers are unwrapped).
+        model: this rank's Megatron model shard, or its virtual-pipeline chunks (DDP/Float16
+            wrappers are unwrapped).
         spec, arch: the ``ModelSpec`` the model was built from and its ``Architecture``.
         engine: this rank's :class:`RolloutEngine`; its ``tensor_parallel_size`` (default 1) is the
             engine TP, its ``dtype`` (if any) the target dtype unless ``dtype`` is given. The engine
@@ -428,7 +426,7 @@ def sync_weights(
     Returns:
         :class:`SyncStats` for this rank.
     """
-    dtype = dtype or getattr(engine, "dtype", None) or next(_unwrap(model).parameters()).dtype
+    dtype = dtype or getattr(engine, "dtype", None) or next(iter_local_params(model))[1].dtype
     plan = plan_sync(spec, arch, groups.tp_size, getattr(engine, "tensor_parallel_size", 1), direct=direct)
     stats = SyncStats(path="direct" if plan.direct else "gather")
     t0 = time.perf_counter()

@@ -3,6 +3,16 @@
 The loss convention of :mod:`megatron_rpp.models.pipeline` (each micro-batch returns
 its share of the global loss) is installed here, before DDP reads the config: DDP then
 sums gradients across data-parallel replicas instead of averaging them.
+
+``use_distributed_optimizer`` (``trainer.distributed_optimizer``): Megatron's distributed
+optimizer (ZeRO-1): the fp32 main parameters and Adam moments are sharded over the
+data-parallel ranks, gradients are reduce-scattered instead of all-reduced, and the updated
+parameters all-gathered after each step. With one DP rank it holds the whole state, like
+the plain optimizer, and takes the same steps. bf16 on CUDA uses Megatron's mixed-precision
+optimizers (fp32 main parameters and moments, bf16 model parameters); on CPU only fp32.
+
+A model is one GPTModel or ``ModelChunks`` (virtual-pipeline chunks): each chunk gets its own
+DDP wrapper (only the first with gradient bucketing, as Megatron does), one optimizer covers all.
 """
 from __future__ import annotations
 
@@ -27,27 +37,30 @@ class OptimConfig:
 
 
 def wrap_for_training(model, cfg: OptimConfig, *, dtype: torch.dtype = torch.float32):
-    """Wrap a GPTModel shard in Megatron DDP and build its Megatron optimizer.
+    """Wrap a GPTModel shard (or its chunks) in Megatron DDP and build its Megatron optimizer.
 
     Returns:
-        ``(ddp_model, optimizer)``. One step: ``ddp_model.zero_grad_buffer()``,
-        ``optimizer.zero_grad()``, forward/backward through
-        :func:`megatron_rpp.models.pipeline.forward_backward`, then
-        ``ok, grad_norm, _ = optimizer.step()``.
+        ``(ddp_model, optimizer)``; ``ddp_model`` is one DDP for a GPTModel, ``ModelChunks`` of
+        DDPs for ``ModelChunks``. One step: :func:`zero_grad`, forward/backward through
+        :func:`megatron_rpp.models.pipeline.forward_backward`, then :func:`step_if_finite`.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_rpp.models.pipeline import ModelChunks
+
     if dtype != torch.float32 and not torch.cuda.is_available():
         raise ValueError(f"model.dtype {dtype}: Megatron's mixed-precision optimizer needs CUDA tensors; "
                          "train in fp32 on CPU (allowed there: fp32)")
-    prepare_config_for_rl(model.config)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    prepare_config_for_rl(chunks[0].config)  # one config object for all chunks (provider.build_model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=k > 0)
+               for k, c in enumerate(chunks)]
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
@@ -61,8 +74,15 @@ def wrap_for_training(model, cfg: OptimConfig, *, dtype: torch.dtype = torch.flo
         params_dtype=dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
-    return ddp_model, optimizer
+    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    return (ModelChunks(wrapped) if isinstance(model, (list, tuple)) else wrapped[0]), optimizer
+
+
+def zero_grad(ddp_model, optimizer) -> None:
+    """Zero DDP's gradient buffers (every chunk) and the optimizer's gradients before a step."""
+    for chunk in ddp_model if isinstance(ddp_model, (list, tuple)) else [ddp_model]:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
 
 
 def step_if_finite(ddp_model, optimizer, loss: torch.Tensor) -> tuple[bool, float | None]:
@@ -78,7 +98,8 @@ def step_if_finite(ddp_model, optimizer, loss: torch.Tensor) -> tuple[bool, floa
     import torch.distributed as dist
 
     bad = torch.tensor([0.0 if bool(torch.isfinite(loss).all()) else 1.0])
-    for buf in [*ddp_model.buffers, *ddp_model.expert_parallel_buffers]:
+    chunks = ddp_model if isinstance(ddp_model, (list, tuple)) else [ddp_model]
+    for buf in [b for c in chunks for b in (*c.buffers, *c.expert_parallel_buffers)]:
         if not bool(torch.isfinite(buf.grad_data).all()):
             bad.fill_(1.0)
     if dist.is_initialized():
@@ -86,8 +107,7 @@ def step_if_finite(ddp_model, optimizer, loss: torch.Tensor) -> tuple[bool, floa
         bad = bad.to(device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bool(bad.item()):
-        ddp_model.zero_grad_buffer()
-        optimizer.zero_grad()
+        zero_grad(ddp_model, optimizer)
         return False, None
     ok, grad_norm, _ = optimizer.step()
     return bool(ok), grad_norm

@@ -137,14 +137,12 @@ def _optimizer_step(ddp, optimizer, groups: ParallelGroups, batch: RolloutBatch,
     ``loss_fn(output, micro_batch) -> (loss, aux)``, ``aux["sums"]["loss"]`` the detached loss; the
     micro-batches' summed losses decide finiteness. Returns ``({grad_norm, update_ok, lr}, aux list)``
     (the aux list is empty off the last pipeline stage)."""
-    from megatron_rpp.models.pipeline import forward_backward, unwrap
+    from megatron_rpp.models.pipeline import forward_backward, model_device
     from megatron_rpp.models.scoring import output_context, to_micro_batches
-    from megatron_rpp.trainer.optim import step_if_finite
+    from megatron_rpp.trainer.optim import step_if_finite, zero_grad
 
-    device = next(unwrap(ddp).parameters()).device
-    mbs = to_micro_batches(batch, settings.micro_batch_size, device, settings.max_tokens)
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
+    mbs = to_micro_batches(batch, settings.micro_batch_size, model_device(ddp), settings.max_tokens)
+    zero_grad(ddp, optimizer)  # every virtual-pipeline chunk
     with output_context(ddp, hidden_states):
         aux = forward_backward(ddp, mbs, loss_fn, groups, forward_only=False)
     loss_sum = torch.stack([a["sums"]["loss"] for a in aux]).sum() if aux else torch.zeros(())

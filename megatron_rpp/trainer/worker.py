@@ -71,27 +71,31 @@ class Worker:
         claim_threads(self.num_threads)
         from megatron_rpp.models.architectures import architecture_for_config
         from megatron_rpp.checkpoint.hf_loader import load_hf_weights
-        from megatron_rpp.models.provider import build_gpt_model
+        from megatron_rpp.config.hyper import model_options
+        from megatron_rpp.models.provider import build_model
         from megatron_rpp.models.spec import load_hf_config
         from megatron_rpp.parallel.groups import initialize_parallel
         from megatron_rpp.trainer.optim import OptimConfig, wrap_for_training
 
         m, t = cfg.model, cfg.trainer
-        self.groups = initialize_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, seed=t.seed)
+        self.groups = initialize_parallel(m.tensor_parallel_size, m.pipeline_parallel_size,
+                                          vpp=m.virtual_pipeline_size, seed=t.seed)
+        options = model_options(cfg)  # sequence parallel, recompute (policy, reference and reward model)
         self.hf_config = load_hf_config(hf_dir)
         self.arch = architecture_for_config(self.hf_config)
         # Padded to the TP size where KV groups do not divide (see ModelSpec.for_tp).
         self.spec = self.arch.model_spec(self.hf_config).for_tp(self.groups.tp_size)
         dtype = DTYPES[m.dtype]
-        self.policy = build_gpt_model(self.spec, self.groups, dtype=dtype)
+        self.policy = build_model(self.spec, self.groups, dtype=dtype, options=options)  # ModelChunks
         load_hf_weights(self.policy, self.groups, self.arch, self.spec, hf_dir)
         self.ddp, self.optimizer = wrap_for_training(
-            self.policy, OptimConfig(lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad), dtype=dtype
+            self.policy, OptimConfig(lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+                                     use_distributed_optimizer=t.distributed_optimizer), dtype=dtype
         )
         self.ref = None
         a = cfg.algorithm
         if a.kl_coef > 0:  # the reference model is only needed for a KL term
-            self.ref = build_gpt_model(self.spec, self.groups, dtype=dtype)
+            self.ref = build_model(self.spec, self.groups, dtype=dtype, options=options)
             load_hf_weights(self.ref, self.groups, self.arch, self.spec, hf_dir)
             self.ref.eval().requires_grad_(False)
         self.reward_model = None
@@ -99,7 +103,7 @@ class Worker:
             from megatron_rpp.models.reward_model import build_reward_model
 
             self.reward_model, _ = build_reward_model(cfg.reward.model_dir, self.groups, dtype=dtype,
-                                                      vocab_size=self.spec.vocab_size)
+                                                      vocab_size=self.spec.vocab_size, options=options)
         from megatron_rpp.config.hyper import engine_tensor_parallel_size
         from megatron_rpp.rollout.engine_layout import EngineGroups
 

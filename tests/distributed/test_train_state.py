@@ -23,11 +23,13 @@ def _batch(cfg, step: int) -> torch.Tensor:
     return torch.randint(0, cfg["vocab_size"], (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(step))
 
 
-def _step(ddp, opt, groups, cfg, step: int) -> None:
-    """One optimizer step on this DP rank's contiguous share of the step's global batch."""
+def _step(ddp, opt, groups, cfg, step: int, micro_batches: int = 1) -> None:
+    """One optimizer step on this DP rank's contiguous share of the step's global batch, in
+    ``micro_batches`` micro-batches (the interleaved schedule needs a multiple of PP)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_rpp.models.pipeline import MicroBatch, forward_backward
+    from megatron_rpp.trainer.optim import zero_grad
 
     tokens = _batch(cfg, step).chunk(groups.dp_size)[groups.dp_rank]
     n_global = GLOBAL_BATCH * (SEQ - 1)
@@ -37,9 +39,9 @@ def _step(ddp, opt, groups, cfg, step: int) -> None:
                                            mb.input_ids[:, 1:].t().contiguous())
         return nll.sum() / n_global, {}
 
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    forward_backward(ddp, [MicroBatch(tokens)], loss_fn, groups, forward_only=False)
+    zero_grad(ddp, opt)
+    mbs = [MicroBatch(t) for t in tokens.split(max(1, tokens.shape[0] // micro_batches))]
+    forward_backward(ddp, mbs, loss_fn, groups, forward_only=False)
     ok, _, _ = opt.step()
     assert ok
 
@@ -106,3 +108,68 @@ def test_resume_restores_state_exactly(tmp_path, save_layout, load_layout):
     for name in after_saved:
         torch.testing.assert_close(after_loaded[name], after_saved[name], rtol=0, atol=atol, msg=name)
     assert (after_loaded["decoder.final_layernorm.weight"] - 1).abs().max() > 1e-3  # the steps moved it
+
+
+# ----------------------------------------------------------------------------- distributed optimizer, chunks
+
+
+def _run_layout(cfg, layout, ckpt, mode, try_plain_first=False):
+    """``save``: step 1, save, step 2. ``resume``: load, step 2. Distributed optimizer; ``layout``
+    = (tp, pp, vpp). Returns the weights after step 2 and the Adam step count (rank 0)."""
+    from megatron_rpp.checkpoint.train_state import load_model_and_optimizer, save_model_and_optimizer
+    from megatron_rpp.models.architectures import architecture_for_config
+    from megatron_rpp.models.provider import build_model
+    from megatron_rpp.parallel.gather import gather_full_params
+    from megatron_rpp.parallel.groups import initialize_parallel
+    from megatron_rpp.trainer.optim import OptimConfig, wrap_for_training
+
+    tp, pp, vpp = layout
+    groups = initialize_parallel(tp, pp, vpp=vpp)
+    spec = architecture_for_config(cfg).model_spec(cfg).for_tp(tp)
+    model = build_model(spec, groups)
+    error = None
+    if try_plain_first:  # the state of a distributed optimizer is refused by a plain one, by name
+        other = build_model(spec, groups)
+        _, plain = wrap_for_training(other, OptimConfig(lr=1e-3, use_distributed_optimizer=False))
+        try:
+            load_model_and_optimizer(other, plain, ckpt)
+        except ValueError as e:
+            error = str(e)
+    ddp, opt = wrap_for_training(model, OptimConfig(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True))
+    if mode == "resume":
+        load_model_and_optimizer(model, opt, ckpt)
+    else:
+        _step(ddp, opt, groups, cfg, 1, micro_batches=2)
+        save_model_and_optimizer(model, opt, ckpt)
+    steps = {int(g["step"]) for o in getattr(opt, "chained_optimizers", [opt]) for g in o.optimizer.param_groups
+             if "step" in g} | {int(s["step"]) for o in getattr(opt, "chained_optimizers", [opt])
+                                for s in o.optimizer.state.values() if "step" in s}
+    _step(ddp, opt, groups, cfg, 2, micro_batches=2)
+    after = gather_full_params(model, groups)
+    return {"after": after, "steps": steps, "error": error} if torch.distributed.get_rank() == 0 else None
+
+
+@pytest.mark.skip(reason="OPEN (issue 15): resuming the distributed optimizer fails in megatron-core's "
+                  "load_parameter_state_from_fully_reshardable with KeyError 'step' (the fresh state made by "
+                  "train_state._give_fresh_state has a 'step' the saved fully_reshardable state lacks); "
+                  "the PP2xVPP2 case hit the 900 s rank timeout under load")
+@pytest.mark.parametrize(
+    "save,load",
+    [(((1, 1, 1), 2), ((1, 1, 1), 1)), (((1, 2, 2), 2), ((1, 1, 1), 2))],
+    ids=["distopt-dp2-to-dp1", "distopt-pp2-vpp2-to-dp2"],
+)
+def test_resume_with_distributed_optimizer_matches_uninterrupted(tmp_path, save, load):
+    """Distributed-optimizer state (``fully_reshardable``) and virtual-pipeline chunks (``model0``,
+    ``model1``) resume at another layout: the next step equals the uninterrupted run's."""
+    cfg = tiny_config("llama", tied=True)
+    ckpt = tmp_path / "model_optim"
+    (save_layout, save_world), (load_layout, load_world) = save, load
+    saved = run_ranks(_run_layout, save_world, cfg, save_layout, ckpt, "save", timeout=900)[0]
+    loaded = run_ranks(_run_layout, load_world, cfg, load_layout, ckpt, "resume", try_plain_first=True,
+                       timeout=900)[0]
+    assert "trainer.distributed_optimizer=true" in loaded["error"], loaded["error"]
+    assert saved["steps"] == loaded["steps"] == {1}, (saved["steps"], loaded["steps"])  # the Adam step came back
+    # Another layout reassociates the gradient sums (see test_resume_restores_state_exactly: <= 5e-5).
+    for name, w in saved["after"].items():
+        torch.testing.assert_close(loaded["after"][name], w, rtol=0, atol=5e-5, msg=name)
+    assert (loaded["after"]["decoder.final_layernorm.weight"] - 1).abs().max() > 1e-3  # the steps moved it

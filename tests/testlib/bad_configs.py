@@ -13,7 +13,7 @@ from testlib.tiny_models import tiny_llama
 
 # overrides (space-separated) | the key the error names | what it must say is allowed.
 # The seven values of issue 13 first, then more ranges, plug-ins and layouts; the rollout engine
-# layout of issue 14 last.
+# layout of issue 14, then issue 15's parallelism and memory switches.
 _TABLE = """
 algorithm.gamma=2                                         | algorithm.gamma   | a number in (0, 1]
 algorithm.estimator=grpo algorithm.gamma=0.5              | algorithm.gamma   | must be 1.0 for the group estimator
@@ -44,6 +44,14 @@ trainer.num_workers=6 model.tensor_parallel_size=2 rollout.tensor_parallel_size=
 rollout.sleep_level=3                                     | rollout.sleep_level | 0 (never sleep), 1 or 2
 trainer.offload_optimizer_during_rollout=true             | trainer.offload_optimizer_during_rollout | GPU only
 model.hf_dir={odd_ffn} trainer.num_workers=2 rollout.tensor_parallel_size=2 | rollout.tensor_parallel_size | must divide intermediate_size (255)
+model.virtual_pipeline_size=2                             | model.virtual_pipeline_size | needs model.pipeline_parallel_size > 1
+model.hf_dir={tiny} model.pipeline_parallel_size=2 model.virtual_pipeline_size=2 trainer.num_workers=2 | model.virtual_pipeline_size | must divide num_hidden_layers (2)
+model.sequence_parallel=true                              | model.sequence_parallel | needs model.tensor_parallel_size > 1
+model.recompute=partial                                   | model.recompute   | allowed values: none, selective, full
+model.recompute_num_layers=2                              | model.recompute_num_layers | only used with model.recompute=full
+model.hf_dir={tiny} model.recompute=full model.recompute_num_layers=3 | model.recompute_num_layers | must divide the layers of one pipeline chunk
+model.context_parallel_size=2                             | model.context_parallel_size | only 1 is supported
+trainer.distributed_optimizer=maybe                       | trainer.distributed_optimizer | expected bool
 """
 BAD_VALUES: list[tuple[list[str], str, str]] = [
     (overrides.split(), key.strip(), allowed.strip())

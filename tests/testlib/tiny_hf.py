@@ -19,8 +19,9 @@ def _publish(model, tok_dir: Path, path: Path) -> Path:
     return path
 
 
-def make_tiny_hf_dir(path: str | Path, arch: str = "llama", *, tied: bool = False, seed: int = 0) -> Path:
-    """A 2-layer random model of ``arch`` with SmolLM2's tokenizer and vocabulary (49152)."""
+def make_tiny_hf_dir(path: str | Path, arch: str = "llama", *, tied: bool = False, seed: int = 0,
+                     num_layers: int = 2) -> Path:
+    """A ``num_layers``-layer (default 2) random model of ``arch`` with SmolLM2's tokenizer and vocabulary (49152)."""
     import torch
     import transformers
 
@@ -32,7 +33,7 @@ def make_tiny_hf_dir(path: str | Path, arch: str = "llama", *, tied: bool = Fals
         return path
     tok_dir = materialize_smollm2()
     cfg = tiny_config(arch, tied=tied)
-    cfg.update(vocab_size=49152, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+    cfg.update(vocab_size=49152, num_hidden_layers=num_layers, hidden_size=128, intermediate_size=256,
                num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
                bos_token_id=1, eos_token_id=2)
     model_type = cfg.pop("model_type")

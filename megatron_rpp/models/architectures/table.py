@@ -16,11 +16,17 @@ An entry is the product of two small tables:
 - **Megatron side** (:data:`ROLES`, shared by every architecture): a *role* (embedding,
   qkv, fc1, ...) has a full shape computed from the spec (incl. KV-group and vocabulary
   padding), a TP partition dim, the gated [gate; up] layout, and an owning pipeline stage
-  (first, its layer's, last). Its name comes from the naming scheme of the layer spec the
-  model is built with: :data:`MEGATRON_NAMES` ``["local"]`` today. Transformer Engine's
-  layer spec (layer norms fused into ``linear_qkv`` / ``linear_fc1`` as
-  ``...linear_qkv.layer_norm_weight`` / ``...linear_fc1.layer_norm_weight``) is one more
-  scheme mapping the same roles to other names.
+  (first, its layer's, last; with a virtual pipeline a stage owns every PP-th chunk of
+  layers, :meth:`ParamTable.stage`). Its name comes from the naming scheme of the layer
+  spec the model is built with (:data:`MEGATRON_NAMES`): ``"local"`` (megatron-core's
+  ``get_gpt_layer_local_spec``, pure torch) or ``"te"`` (``get_gpt_layer_with_transformer_engine_spec``:
+  the two layer norms are fused into the following linear layers, so ``input_layernorm.weight``
+  is ``self_attention.linear_qkv.layer_norm_weight`` and ``pre_mlp_layernorm.weight`` is
+  ``mlp.linear_fc1.layer_norm_weight``; every other name is the same).
+  ``"local"`` is the *canonical* scheme: checkpoints, the weight sync and HF export use its
+  names whatever spec the model was built with (:func:`canonical_names` maps a scheme onto
+  it; ``parallel.gather.iter_local_params`` applies the map), so a checkpoint written on a
+  TE machine loads on CPU and back.
 - **HF side** (:class:`HFLayout`, one per architecture family): the HF tensor names of
   each role and the :class:`~megatron_rpp.models.architectures.conversions.Conversion`
   between them and Megatron's layout.
@@ -88,7 +94,26 @@ MEGATRON_NAMES: dict[str, dict[str, str]] = {
         "score": "output_layer.score.weight",
     },
 }
+#: Transformer Engine's spec: the norms live inside the fused LayerNorm+Linear modules
+#: (``TELayerNormColumnParallelLinear.layer_norm_weight``); tests/unit/models/test_te_naming.py
+#: derives these names from megatron-core's own spec definitions.
+MEGATRON_NAMES["te"] = {
+    **MEGATRON_NAMES["local"],
+    "attn_norm": "self_attention.linear_qkv.layer_norm_weight",
+    "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
+}
 DEFAULT_NAMING = "local"
+
+
+def canonical_names(naming: str) -> dict[str, str]:
+    """``{name in naming: canonical (local) name}`` for the names that differ (layer-relative
+    for layer roles, as in :data:`MEGATRON_NAMES`); empty for the canonical scheme itself."""
+    if naming not in MEGATRON_NAMES:
+        raise NotImplementedError(
+            f"Megatron naming scheme {naming!r} is not in the parameter table (have: {', '.join(MEGATRON_NAMES)})"
+        )
+    names, local = MEGATRON_NAMES[naming], MEGATRON_NAMES[DEFAULT_NAMING]
+    return {names[r]: local[r] for r in names if names[r] != local[r]}
 _LAYER_PREFIX = "decoder.layers.{i}."
 
 
@@ -199,15 +224,18 @@ class ParamTable:
     def hf_aliases(self) -> set[str]:
         return {a for e in self.entries for a in e.hf_aliases}
 
-    def stage(self, entry: ParamEntry | str, pp: int) -> int:
-        """The pipeline stage owning a parameter (Megatron's even split of layers over ``pp`` stages)."""
+    def stage(self, entry: ParamEntry | str, pp: int, vpp: int = 1) -> int:
+        """The pipeline stage owning a parameter: Megatron's even split of the layers into
+        ``pp * vpp`` virtual stages of ``L / (pp * vpp)`` layers, virtual stage k on stage
+        ``k % pp`` (its model chunk ``k // pp``). With ``vpp`` = 1 stage p holds layers
+        ``[p L/pp, (p+1) L/pp)``; with ``vpp`` = 2 and pp = 2, 8 layers: stage 0 holds 0, 1, 4, 5."""
         e = self[entry] if isinstance(entry, str) else entry
         place = ROLES[e.role].place
         if place == "first":
             return 0
         if place == "last":
             return pp - 1
-        return e.layer // (self.spec.num_layers // pp)
+        return (e.layer // (self.spec.num_layers // (pp * vpp))) % pp
 
     def to_megatron(self, name: str, hf_tensors: list[Tensor]) -> Tensor:
         """The full Megatron tensor of ``name`` from its HF tensors (in ``hf_names`` order)."""
