@@ -28,6 +28,7 @@ All functions are collective over the whole world.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
 from pathlib import Path
@@ -79,6 +80,32 @@ def _give_fresh_state(optimizer) -> None:
         for group, lr in zip(inner.param_groups, saved):
             group["lr"] = lr
         inner.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _keeping_step_on_load(optimizer):
+    """megatron-core 0.16's ``fully_reshardable`` loader skips the saved ``step`` (it restores
+    torch Adam's step from the param groups just before), then copies every key of a
+    parameter's current state from the loaded tensors, ``step`` included: KeyError 'step'
+    without apex/TE. While loading, each part keeps its current ``step`` for that copy (a
+    per-instance override: the class is not patched)."""
+    parts = _distributed_parts(optimizer)
+    for part in parts:
+        inner_set = part._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, part=part, inner_set=inner_set):
+            group, order = part.model_param_group_index_map[model_param]
+            state = part.optimizer.state.get(part.optimizer.param_groups[group]["params"][order], {})
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            inner_set(model_param, tensors)
+
+        part._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for part in parts:
+            del part._set_main_param_and_optimizer_states
 
 
 def _own_step_tensors(optimizer) -> None:
@@ -141,7 +168,8 @@ def load_model_and_optimizer(model, optimizer, path: str | Path) -> None:
     with torch.no_grad():
         for i, c in enumerate(chunks):
             c.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
+        with _keeping_step_on_load(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
     _own_step_tensors(optimizer)
     _barrier()
 
