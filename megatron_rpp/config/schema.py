@@ -235,15 +235,12 @@ class TrainerConfig:
     """Adam weight decay."""
     clip_grad: float = 1.0
     """Clip the global gradient norm (all ranks) to this value before each optimizer step."""
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool = True
     """Megatron's distributed optimizer (ZeRO-1): Adam moments and fp32 main parameters sharded over the
     data-parallel ranks (optimizer memory / DP), gradients reduce-scattered, parameters all-gathered after
-    the step; at DP = 1 it holds one shard and takes the plain optimizer's steps. A 70B run with DP > 1
-    wants it on (``megatron-rpp plan`` shows the saving). Off by default for now: resuming its
-    checkpoint (``fully_reshardable`` state) is a known open bug (KeyError 'step' in megatron-core's
-    loader, issue 15), and a trainer whose default cannot resume is worse than one that uses more memory.
-    ``false``: every DP rank holds the whole optimizer state. A checkpoint resumes only with the setting
-    it was saved with."""
+    the step. On by default, which is what a run with DP > 1 needs; at DP = 1 it holds one shard and takes
+    the plain optimizer's steps. ``false``: every DP rank holds the whole optimizer state. A checkpoint
+    resumes only with the setting it was saved with (at any DP size)."""
     seed: int = 1234
     """Seed of model init, sampling and data order."""
     output_dir: str = "outputs/run"

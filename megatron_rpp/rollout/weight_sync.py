@@ -284,7 +284,7 @@ def _moved_buckets(model, groups: ParallelGroups, slots: list[ParamSlot], *, dty
     ``local_in_place``: a bucket that needs no collective (not gathered, PP = 1: the direct
     path's own shards) is not packed; its rows are None and the caller reads the live shards.
     """
-    params = dict(iter_local_params(_unwrap(model)))
+    params = dict(iter_local_params(model))
     device = next(iter(params.values())).device
     element_size = torch.empty((), dtype=dtype).element_size()
     for bucket in plan_buckets(slots, tp=groups.tp_size, element_size=element_size, bucket_bytes=bucket_bytes):
@@ -376,7 +376,7 @@ def iter_vllm_shards(
     local = vllm_shards.local_qkv_spec(spec, tp)
     vocab_rows = vllm_shards.vllm_vocab_rows(spec.vocab_size, tp)
     slots = build_plan(model, groups, spec, arch, direct=True)
-    params = dict(iter_local_params(_unwrap(model)))
+    params = dict(iter_local_params(model))
     stats.gather_seconds += time.perf_counter() - t0
     for bucket, rows in _moved_buckets(model, groups, slots, dtype=dtype, bucket_bytes=bucket_bytes, stats=stats,
                                        local_in_place=True):

@@ -149,13 +149,12 @@ def _run_layout(cfg, layout, ckpt, mode, try_plain_first=False):
     return {"after": after, "steps": steps, "error": error} if torch.distributed.get_rank() == 0 else None
 
 
-@pytest.mark.skip(reason="OPEN (issue 15): resuming the distributed optimizer fails in megatron-core's "
-                  "load_parameter_state_from_fully_reshardable with KeyError 'step' (the fresh state made by "
-                  "train_state._give_fresh_state has a 'step' the saved fully_reshardable state lacks); "
-                  "the PP2xVPP2 case hit the 900 s rank timeout under load")
 @pytest.mark.parametrize(
     "save,load",
-    [(((1, 1, 1), 2), ((1, 1, 1), 1)), (((1, 2, 2), 2), ((1, 1, 1), 2))],
+    [(((1, 1, 1), 2), ((1, 1, 1), 1)),
+     pytest.param(((1, 2, 2), 2), ((1, 1, 1), 2), marks=pytest.mark.skip(
+         reason="OPEN (issue 15): PP2 x VPP2 x DP2 with 2 micro-batches per step hangs in the interleaved "
+                "schedule's p2p (seen in test_distributed_optimizer's pp2-vpp2-dp2 case); not yet diagnosed"))],
     ids=["distopt-dp2-to-dp1", "distopt-pp2-vpp2-to-dp2"],
 )
 def test_resume_with_distributed_optimizer_matches_uninterrupted(tmp_path, save, load):
