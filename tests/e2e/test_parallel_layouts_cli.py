@@ -13,11 +13,14 @@ RNG state) while the trainer still scores log-probs at the rollout temperature (
 vocabulary. Validation allows it (top_k is -1 or >= 1).
 
 Tolerances: ``policy/loss`` and ``grad_norm`` to 1e-5 (fp32 sums reassociated over TP ranks, stages
-and micro-batches differ by ~1e-7). Weights after the step to 1e-5 with ``trainer.lr=1e-3``: Adam's
-first update is ~lr·sign(g) = 1e-3 per element (100x the tolerance, so a layout that trained a
-wrong gradient, or no gradient, fails), and for |g| below Adam's eps (1e-8) the update is
-lr·g/eps, so a gradient difference δ moves a weight by at most lr·δ/eps — with δ ~1e-12 for such
-elements that is ~1e-7.
+and micro-batches differ by ~1e-7). Weights after the step to 5e-5 with ``trainer.lr=1e-3``: Adam's
+first update is lr·g/(|g| + eps) ~ lr·sign(g) = 1e-3 per element (20x the tolerance, so a layout
+that trained a wrong gradient, or no gradient, fails), but for elements whose |g| is near Adam's
+eps (1e-8) a reassociated gradient moves the update by up to lr·δ/eps: measured 2.05e-5 at
+TP2 x PP2 (one element of layers.3.mlp.gate_proj; grad_norm equal to 5e-7 relative) — the same
+amplification, and the same 5e-5 bound, as test_train_state's resume at another layout.
+The reward is the prompt's length (tests/e2e/prompt_reward.py): greedy answers of a tiny random
+model can all be the same text, and a constant reward gives zero advantages and no gradient.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def _train(tmp: Path, hf: Path, name: str) -> tuple[dict, dict[str, torch.Tensor
     out = tmp / name
     cmd = [sys.executable, "-m", "megatron_rpp.cli", "train", f"model.hf_dir={hf}", "model.max_prompt_length=96",
            "model.max_response_length=8", "data.task=basic_arithmetic", "data.num_train_prompts=16",
-           "data.num_eval_prompts=0", "reward.function=examples/reward_fns/short_answer.py:response_length",
+           "data.num_eval_prompts=0", f"reward.function={Path(__file__).with_name('prompt_reward.py')}:prompt_length",
            "reward.num_workers=0", "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=2",
            "rollout.top_k=1", "rollout.kv_cache_gib=0.25", "rollout.check_sync_interval=1",
            "trainer.train_batch_size=8", "trainer.micro_batch_size=1", "trainer.lr=1e-3", "algorithm.kl_coef=0.01",
@@ -77,11 +80,12 @@ def test_tp2pp2_and_pp2vpp2_first_step_equals_tp1pp1(tmp_path):
               f"grad_norm {row['grad_norm']:.8f} (ref {ref['grad_norm']:.8f}), reward {row['reward/mean']}, "
               f"max |w - w_ref| {max(diffs.values()):.2e}, min over tensors of max |w - w_start| {moved:.2e}, "
               f"sync check {row['weight_sync/check_max_abs_diff']:.2e}")
+        assert ref["grad_norm"] > 1e-3, ref  # a real gradient (the prompt-length reward varies: advantages != 0)
         assert row["reward/mean"] == ref["reward/mean"] and row["response_length/mean"] == ref["response_length/mean"]
         assert abs(row["policy/loss"] - ref["policy/loss"]) <= 1e-5, (name, row["policy/loss"], ref["policy/loss"])
         assert abs(row["grad_norm"] - ref["grad_norm"]) <= 1e-5, (name, row["grad_norm"], ref["grad_norm"])
         assert abs(row["kl/mean"] - ref["kl/mean"]) <= 1e-6, name
         assert weights.keys() == ref_weights.keys() == start.keys()
-        assert max(diffs.values()) <= 1e-5, (name, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
+        assert max(diffs.values()) <= 5e-5, (name, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
         assert moved > 5e-4, (name, moved)  # every tensor took a real step (Adam: ~lr = 1e-3)
         assert row["weight_sync/check_max_abs_diff"] < 2e-5  # the engines got the trained weights
