@@ -40,11 +40,6 @@ def _rank(hf_dir: str, engine_tp: int, kv_cache_gib: float) -> dict:
     import torch
     import torch.distributed as dist
 
-    from megatron_rpp.checkpoint.hf_loader import load_hf_weights
-    from megatron_rpp.models.architectures import architecture_for_config
-    from megatron_rpp.models.provider import build_gpt_model
-    from megatron_rpp.models.spec import load_hf_config
-    from megatron_rpp.parallel.groups import initialize_parallel
     from megatron_rpp.rollout.engine import SamplingConfig
     from megatron_rpp.rollout.engine_layout import engine_hf_config
     from megatron_rpp.rollout.self_check import check_engine_matches_trainer, probe_sequences
@@ -52,12 +47,9 @@ def _rank(hf_dir: str, engine_tp: int, kv_cache_gib: float) -> dict:
     from megatron_rpp.rollout.weight_sync import plan_sync, sync_weights
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    groups = initialize_parallel(2, 1)
-    cfg = load_hf_config(hf_dir)
-    arch = architecture_for_config(cfg)
-    spec = arch.model_spec(cfg).for_tp(groups.tp_size)
-    model = build_gpt_model(spec, groups)
-    load_hf_weights(model, groups, arch, spec, hf_dir)
+    from bench_weight_sync import tp2_policy  # this folder is on sys.path (as for write_result)
+
+    groups, cfg, arch, spec, model = tp2_policy(hf_dir)
     plan = plan_sync(spec, arch, groups.tp_size, engine_tp)
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:

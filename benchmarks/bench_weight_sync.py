@@ -86,19 +86,14 @@ def _timed_syncs(model, groups, spec, arch, engine, buckets_mib: list[int], repe
     return rows
 
 
-def _rank(hf_dir: str, buckets_mib: list[int], repeats: int) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    from megatron_rpp.models.architectures import architecture_for_config
+def tp2_policy(hf_dir: str):
+    """This gloo rank's TP=2 Megatron policy loaded from the HF folder ``hf_dir``:
+    ``(groups, hf_config, arch, spec, model)`` (collective over the 2 ranks)."""
     from megatron_rpp.checkpoint.hf_loader import load_hf_weights
+    from megatron_rpp.models.architectures import architecture_for_config
     from megatron_rpp.models.provider import build_gpt_model
     from megatron_rpp.models.spec import load_hf_config
     from megatron_rpp.parallel.groups import initialize_parallel
-    from megatron_rpp.rollout.engine_layout import engine_hf_config
-    from megatron_rpp.rollout.self_check import check_engine_matches_trainer, probe_sequences
-    from megatron_rpp.rollout.vllm_engine import VllmEngine
-    from megatron_rpp.rollout.weight_sync import iter_hf_tensors, plan_sync
 
     groups = initialize_parallel(2, 1)
     cfg = load_hf_config(hf_dir)
@@ -106,6 +101,19 @@ def _rank(hf_dir: str, buckets_mib: list[int], repeats: int) -> dict:
     spec = arch.model_spec(cfg).for_tp(groups.tp_size)
     model = build_gpt_model(spec, groups)
     load_hf_weights(model, groups, arch, spec, hf_dir)
+    return groups, cfg, arch, spec, model
+
+
+def _rank(hf_dir: str, buckets_mib: list[int], repeats: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_rpp.rollout.engine_layout import engine_hf_config
+    from megatron_rpp.rollout.self_check import check_engine_matches_trainer, probe_sequences
+    from megatron_rpp.rollout.vllm_engine import VllmEngine
+    from megatron_rpp.rollout.weight_sync import iter_hf_tensors, plan_sync
+
+    groups, cfg, arch, spec, model = tp2_policy(hf_dir)
     probes = probe_sequences(spec.vocab_size, num=2, length=16)
     out: dict = {"sync": {}, "self_check": {}}
     for engine_tp in (1, 2):
