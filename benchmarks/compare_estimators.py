@@ -87,13 +87,22 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower())
 
 
-def run_one(scenario: str, label: str, seed: int, overrides: list[str], out: Path) -> dict:
-    """One ``megatron-rpp train`` subprocess; its metrics, wall/CPU time and peak RSS."""
+def run_one(scenario: str, label: str, seed: int, overrides: list[str], out: Path, reuse: bool = True) -> dict:
+    """One ``megatron-rpp train`` subprocess; its metrics, wall/CPU time and peak RSS.
+
+    A finished run leaves ``summary.json`` in ``out``; with ``reuse`` a later study with the same
+    command takes it from there instead of training again (a study interrupted after N runs
+    resumes at run N + 1; a changed command, e.g. another budget, trains again)."""
+    cmd = [sys.executable, "-m", "megatron_rpp.cli", "train", "--config", str(BASE_CONFIG), *COMMON, *overrides,
+           *ESTIMATORS[label], f"trainer.seed={seed}", f"trainer.output_dir={out}"]
+    done = out / "summary.json"
+    if reuse and done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("command") == cmd[3:]:
+            return {**summary, "reused": True}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "megatron_rpp.cli", "train", "--config", str(BASE_CONFIG), *COMMON, *overrides,
-           *ESTIMATORS[label], f"trainer.seed={seed}", f"trainer.output_dir={out}"]
     t0 = time.perf_counter()
     with open(out / "console.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -104,8 +113,22 @@ def run_one(scenario: str, label: str, seed: int, overrides: list[str], out: Pat
         raise RuntimeError(f"{scenario}/{label}/seed {seed} failed ({proc.returncode}):\n"
                            + (out / "console.log").read_text()[-4000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return summarize_run(scenario, label, seed, rows, wall=wall, cpu=usage.ru_utime + usage.ru_stime,
-                         peak_rss_mib=usage.ru_maxrss / 1024, command=cmd[3:])
+    summary = summarize_run(scenario, label, seed, rows, wall=wall, cpu=usage.ru_utime + usage.ru_stime,
+                            peak_rss_mib=usage.ru_maxrss / 1024, load_average=os.getloadavg(), command=cmd[3:])
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary))
+    tmp.replace(done)  # atomic: a killed study never leaves a half summary to be reused
+    return summary
+
+
+def curves_equal(a: dict, b: dict) -> dict:
+    """Whether two runs of one (estimator, seed) pair gave the same curves: the largest absolute
+    difference of every per-step value (train reward, KL, response length; eval reward)."""
+    diffs = [abs(x[k] - y[k]) for x, y in zip(a["train"], b["train"]) for k in ("reward", "kl", "response_length")]
+    diffs += [abs(x["reward"] - y["reward"]) for x, y in zip(a["eval"], b["eval"])]
+    same_len = len(a["train"]) == len(b["train"]) and len(a["eval"]) == len(b["eval"])
+    worst = max(diffs, default=math.nan)
+    return {"estimator": a["estimator"], "seed": a["seed"], "max_abs_diff": worst, "identical": same_len and worst == 0.0}
 
 
 def summarize_run(scenario: str, label: str, seed: int, rows: list[dict], **extra) -> dict:
@@ -151,9 +174,15 @@ def preference_responses(question: str, answer: str, rng: random.Random) -> list
     ]
 
 
-def build_bt_reward_model(out: Path, pairs: int, seed: int = 0) -> dict:
+def build_bt_reward_model(out: Path, pairs: int, seed: int = 0, reuse: bool = True) -> dict:
     """Train a tiny Bradley-Terry RM on synthetic preference pairs; save it as a HF
-    ``LlamaForSequenceClassification`` folder (SmolLM2's tokenizer) at ``out``. Returns its report."""
+    ``LlamaForSequenceClassification`` folder (SmolLM2's tokenizer) at ``out``. Returns its report
+    (also kept as ``out/bt_report.json``: with ``reuse`` a resumed study takes the same RM)."""
+    kept = out / "bt_report.json"
+    if reuse and kept.is_file():
+        report = json.loads(kept.read_text())
+        if report.get("requested_pairs") == pairs and report.get("seed") == seed:
+            return report
     import torch
     import transformers
 
@@ -223,13 +252,15 @@ def build_bt_reward_model(out: Path, pairs: int, seed: int = 0) -> dict:
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (tok_dir / f).is_file():
             shutil.copy(tok_dir / f, tmp / f)
+    report = {"dir": str(out), "requested_pairs": pairs, "seed": seed, "train_pairs": len(train),
+              "held_out_pairs": len(held_out), "held_out_accuracy": {"all": sum(won) / len(won), **accuracy},
+              "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+              "score_mean": float(all_scores.mean()), "score_std": float(all_scores.std()),
+              "seconds": time.perf_counter() - t0}
+    (tmp / "bt_report.json").write_text(json.dumps(report))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return {"dir": str(out), "train_pairs": len(train), "held_out_pairs": len(held_out),
-            "held_out_accuracy": {"all": sum(won) / len(won), **accuracy},
-            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "score_mean": float(all_scores.mean()), "score_std": float(all_scores.std()),
-            "seconds": time.perf_counter() - t0}
+    return report
 
 
 # ----------------------------------------------------------------------------- aggregation, table, plots
@@ -369,6 +400,14 @@ class Study:
                 f"trainer.eval_interval={interval}", *self.extra]
 
 
+def write_report(out: Path, report: dict) -> None:
+    """Write the study's JSON atomically (``complete`` stays false until the last run is in)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"complete": False, **report}, indent=1))
+    tmp.replace(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny budget, 2 steps, one seed (<= 10 min)")
@@ -379,6 +418,12 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compare_estimators[_quick].json)")
     ap.add_argument("--work-dir", default="/tmp/megatron_rpp_compare_estimators")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--fresh", action="store_true",
+                    help="train every run again (default: reuse a finished run's summary.json in --work-dir "
+                         "when its command is the same)")
+    ap.add_argument("--check-seed", action="store_true",
+                    help="at the end, re-run the first (estimator, seed) pair of each scenario in a fresh "
+                         "directory and compare its curves with the first run (the study's reproducibility)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([1] if args.quick else list(SEEDS))
@@ -395,7 +440,8 @@ def main() -> int:
         sc, overrides = SCENARIOS[name], study.overrides(name)
         entry: dict = {"title": sc.title, "overrides": overrides}
         if sc.rm_pairs:
-            rm = build_bt_reward_model(study.work_dir / "bt_reward_model", sc.rm_pairs // (10 if args.quick else 1))
+            rm = build_bt_reward_model(study.work_dir / "bt_reward_model", sc.rm_pairs // (10 if args.quick else 1),
+                                       reuse=not args.fresh)
             print(f"[{name}] Bradley-Terry RM: held-out pairwise accuracy {json.dumps(rm['held_out_accuracy'])}, "
                   f"{rm['seconds']:.0f} s")
             entry["reward_model"] = rm
@@ -403,24 +449,32 @@ def main() -> int:
                          f"reward.model_std={rm['score_std']:.6g}"]
             entry["overrides"] = overrides
         runs = []
+        report["scenarios"][name] = entry
         for seed in seeds:  # seed-major: a partial study still has every estimator at the first seeds
             for label in study.estimators:
                 run_dir = study.work_dir / name / f"{slug(label)}_seed{seed}"
-                runs.append(run_one(name, label, seed, overrides, run_dir))
+                runs.append(run_one(name, label, seed, overrides, run_dir, reuse=not args.fresh))
                 r = runs[-1]
                 print(f"[{name}] {label:<21} seed {seed}: eval {r['eval'][0]['reward']:.3f} -> "
                       f"{r['eval'][-1]['reward']:.3f}, KL {r['eval'][-1]['kl']:.4f}, {r['wall']:.0f} s, "
-                      f"peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
-        entry["runs"], entry["aggregate"] = runs, aggregate(runs)
+                      f"peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB" + (" (reused)" if r.get("reused") else ""),
+                      flush=True)
+                entry["runs"], entry["aggregate"] = runs, aggregate(runs)
+                write_report(out, report)  # after every run: a partial study is on disk
+        if args.check_seed:
+            first = runs[0]
+            again = run_one(name, first["estimator"], first["seed"], overrides,
+                            study.work_dir / name / f"{slug(first['estimator'])}_seed{first['seed']}_again", reuse=False)
+            entry["reproducibility"] = curves_equal(first, again)
+            print(f"[{name}] re-run of {first['estimator']} seed {first['seed']}: {entry['reproducibility']}", flush=True)
         if not args.no_plots:
             entry["plots"] = plot(name, runs, out.with_suffix(""))
-        report["scenarios"][name] = entry
         all_runs += runs
     report["machine"]["load_average_end"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - t_start
     report["estimated_full_study_seconds"] = estimate_full(all_runs) if args.quick else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    report["complete"] = True
+    write_report(out, report)
     for name, entry in report["scenarios"].items():
         print("\n" + table(name, entry["aggregate"]))
     print(f"\nwall time {report['wall_seconds'] / 60:.1f} min (load average {load_start[0]:.1f} at the start)"
