@@ -152,9 +152,9 @@ def run_workload(model: str, layout: str, workdir: Path) -> dict:
     shapes: list[dict] = []
     generate = phases.generate
 
-    def observed_generate(*args, **kwargs):  # reads the batch's shape; the batch is returned unchanged
-        batch = generate(*args, **kwargs)
-        if len(args[1]) == cfg.rollout.rollout_batch_size:
+    def observed_generate(group, layout, prompts, *args, **kwargs):  # reads the batch's shape; returns it unchanged
+        batch = generate(group, layout, prompts, *args, **kwargs)
+        if len(prompts) == cfg.rollout.rollout_batch_size:
             shapes.append({"longest": int(batch.sequence_lengths.max()), "response": int(batch.response_lengths.max())})
         return batch
 
