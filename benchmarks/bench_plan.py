@@ -192,7 +192,7 @@ def add_predictions(res: dict, workdir: Path) -> dict:
     """Fill in the plan's prediction of every measured row (the current planner; pure, no workers)."""
     model, layout = res["workload"].split(":")
     plan = predict(workload_config(model, layout, workdir), res["shape"])
-    transient_terms = ("activations", "logprob_workspace", "weight_sync_buffer")
+    transient_terms = ("activations", "logprob_workspace", "grad_check", "weight_sync_buffer")
     for row in res["rows"]:
         pm = plan.phases[row["phase"]][row["pp_rank"]]
         row["predicted_bytes"] = pm.total - pm.terms["runtime"]
