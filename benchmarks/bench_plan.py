@@ -152,9 +152,9 @@ def run_workload(model: str, layout: str, workdir: Path) -> dict:
     shapes: list[dict] = []
     generate = phases.generate
 
-    def observed_generate(*args, **kwargs):  # reads the batch's shape; the batch is returned unchanged
-        batch = generate(*args, **kwargs)
-        if len(args[1]) == cfg.rollout.rollout_batch_size:
+    def observed_generate(group, layout, prompts, *args, **kwargs):  # reads the batch's shape; returns it unchanged
+        batch = generate(group, layout, prompts, *args, **kwargs)
+        if len(prompts) == cfg.rollout.rollout_batch_size:
             shapes.append({"longest": int(batch.sequence_lengths.max()), "response": int(batch.response_lengths.max())})
         return batch
 
@@ -192,7 +192,7 @@ def add_predictions(res: dict, workdir: Path) -> dict:
     """Fill in the plan's prediction of every measured row (the current planner; pure, no workers)."""
     model, layout = res["workload"].split(":")
     plan = predict(workload_config(model, layout, workdir), res["shape"])
-    transient_terms = ("activations", "logprob_workspace", "weight_sync_buffer")
+    transient_terms = ("activations", "logprob_workspace", "grad_check", "weight_sync_buffer")
     for row in res["rows"]:
         pm = plan.phases[row["phase"]][row["pp_rank"]]
         row["predicted_bytes"] = pm.total - pm.terms["runtime"]

@@ -31,7 +31,7 @@ from megatron_rpp.planning.params import EngineParams, RankParams, engine_rank_p
 
 PHASES = ("generate", "score", "train", "weight_sync")
 TERMS = ("policy_weights", "policy_grads", "optimizer_state", "reference_weights", "reward_model_weights",
-         "critic_state", "activations", "logprob_workspace", "engine_weights", "kv_cache", "engine_overhead",
+         "critic_state", "activations", "logprob_workspace", "grad_check", "engine_weights", "kv_cache", "engine_overhead",
          "weight_sync_buffer", "runtime", "allocator_slack")
 
 #: GPU: CUDA context, cuBLAS workspaces and NCCL communicator buffers of one rank (its TP, PP,
@@ -251,10 +251,13 @@ def make_plan(inp: PlanInput) -> Plan:
                          + ([_activations(inp, inp.reward_model, rm_ranks[r], train=False)] if rm_ranks else []))
         train_acts = _activations(inp, inp.policy, params, train=True)
         step = T.optimizer_step_bytes(params.largest, inp.device)
+        check = T.grad_finite_check_bytes(params.elements)
+        train_logprob = _logprob(inp, params, train=True)
         phase_terms = {
             "generate": dict(engine_weights=eng_weights, kv_cache=kv, engine_overhead=base["engine_overhead"] + eng_workspace),
             "score": dict(activations=score_acts, logprob_workspace=_logprob(inp, params, train=False)),
-            "train": dict(activations=max(train_acts, step), logprob_workspace=_logprob(inp, params, train=True)),
+            "train": dict(activations=train_acts, logprob_workspace=train_logprob,
+                          grad_check=T.grad_check_term_bytes(train_acts, train_logprob, check, step, inp.device)),
             "weight_sync": dict(engine_weights=eng_weights, weight_sync_buffer=sync),
         }
         for phase, extra in phase_terms.items():
