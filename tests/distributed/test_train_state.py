@@ -152,9 +152,7 @@ def _run_layout(cfg, layout, ckpt, mode, try_plain_first=False):
 @pytest.mark.parametrize(
     "save,load",
     [(((1, 1, 1), 2), ((1, 1, 1), 1)),
-     pytest.param(((1, 2, 2), 2), ((1, 1, 1), 2), marks=pytest.mark.skip(
-         reason="OPEN (issue 15): PP2 x VPP2 x DP2 with 2 micro-batches per step hangs in the interleaved "
-                "schedule's p2p (seen in test_distributed_optimizer's pp2-vpp2-dp2 case); not yet diagnosed"))],
+     (((1, 2, 2), 2), ((1, 1, 1), 2))],  # 2 micro-batches = PP (the issue-15 hang, parallel/pipeline_fixes.py)
     ids=["distopt-dp2-to-dp1", "distopt-pp2-vpp2-to-dp2"],
 )
 def test_resume_with_distributed_optimizer_matches_uninterrupted(tmp_path, save, load):
