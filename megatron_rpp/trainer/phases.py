@@ -197,7 +197,8 @@ def policy_trains(cfg: Config, step: int) -> bool:
 
 def critic_metrics(batch: RolloutBatch, train: dict) -> dict:
     """``critic/explained_variance`` of the rollout-time values against the GAE returns (1 −
-    Var(G − V)/Var(G) over response tokens), the values' and returns' means, and the critic's
+    Var(G − V)/Var(G) over response tokens), the values' and returns' means, the returns' standard
+    deviation (``critic/returns_std``, population, over response tokens: what there is to explain), and the critic's
     training metrics (``critic/value_loss``, ``critic/value_clip_fraction``, ``critic/grad_norm``, ...)."""
     from megatron_rpp.algorithms.value_loss import explained_variance
 
@@ -206,6 +207,7 @@ def critic_metrics(batch: RolloutBatch, train: dict) -> dict:
     return {"critic/explained_variance": explained_variance(batch.values, batch.returns, mask),
             "critic/values_mean": float(values.mean()) if values.numel() else 0.0,
             "critic/returns_mean": float(returns.mean()) if returns.numel() else 0.0,
+            "critic/returns_std": float(returns.double().std(correction=0)) if returns.numel() else 0.0,
             **{k: v for k, v in train.items() if k.startswith("critic/") and k != "critic/update_ok"}}
 
 

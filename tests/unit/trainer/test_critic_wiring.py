@@ -68,6 +68,7 @@ def test_critic_metrics_explained_variance_hand_worked():
     m = phases.critic_metrics(batch, {"critic/value_loss": 0.5, "critic/update_ok": True, "loss": 3.0})
     assert m["critic/explained_variance"] == pytest.approx(0.85, abs=1e-6)
     assert m["critic/values_mean"] == pytest.approx(9.0 / 4) and m["critic/returns_mean"] == pytest.approx(2.5)
+    assert m["critic/returns_std"] == pytest.approx(1.25 ** 0.5, abs=1e-6)  # population std of [1, 2, 3, 4]
     assert m["critic/value_loss"] == 0.5 and "loss" not in m and "critic/update_ok" not in m
 
 
