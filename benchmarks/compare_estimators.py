@@ -51,7 +51,7 @@ ESTIMATORS = {
     "REINFORCE++-baseline": ["algorithm.estimator=reinforce_pp_baseline", "algorithm.kl_estimator=k1"],
     "GRPO": ["algorithm.estimator=grpo", "algorithm.kl_use_loss=true", "algorithm.kl_loss_estimator=k3"],
     "RLOO": ["algorithm.estimator=rloo", "algorithm.kl_estimator=k1"],
-    "PPO": ["algorithm.estimator=gae", "algorithm.kl_estimator=k1", "algorithm.lam=0.95", "critic.lr=2e-5"],
+    "PPO": ["algorithm.estimator=gae", "algorithm.kl_estimator=k1", "algorithm.lam=1.0", "critic.lr=1e-4"],
 }
 #: Every run of the study: one in-process worker, rule rewards scored in the controller, no export.
 COMMON = ["trainer.num_workers=1", "reward.num_workers=0", "trainer.export_hf=false", "trainer.progress=false"]
