@@ -166,14 +166,32 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
+def read_critic(cfg) -> ModelInput:
+    """The critic's :class:`ModelInput`: the scalar-head model the workers build
+    (:func:`~megatron_rpp.models.critic.value_architecture`) over ``critic.model_dir``'s config, or,
+    when that is empty, over the policy's (the policy's trunk + a value head [1, h] in place of the
+    LM head, which a tied-embedding policy's critic still keeps as its embedding)."""
+    from megatron_rpp.models.critic import CriticError, value_architecture
+
+    key, hf_dir = ("critic.model_dir", cfg.critic.model_dir) if cfg.critic.model_dir else ("model.hf_dir", cfg.model.hf_dir)
+    path = read_model(key, hf_dir).source.split("=", 1)[1]
+    try:
+        arch, hf = value_architecture(json.loads(Path(path).read_text()))
+        spec = arch.model_spec(hf)
+    except (CriticError, ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"critic ({key}={path}): {type(e).__name__}: {e}") from None
+    return ModelInput(arch.name, spec, f"critic from {key}={path}")
+
+
 def plan_input_from_config(cfg, *, device: str, capacity_bytes: int, gpus_per_node: int = 8) -> PlanInput:
     """The planner's input for the run ``cfg`` on ``device`` GPUs (or CPU ranks) of
     ``capacity_bytes`` each (CPU: the host's memory). The one place that reads the Config."""
     m, r, t, a = cfg.model, cfg.rollout, cfg.trainer, cfg.algorithm
     policy = read_model("model.hf_dir", m.hf_dir)
     reward = read_model("reward.model_dir", cfg.reward.model_dir) if cfg.reward.model_dir else None
-    critic_dir = cfg.critic.model_dir
-    critic = read_model("critic.model_dir", critic_dir) if critic_dir else None
+    from megatron_rpp.config.hyper import needs_critic
+
+    critic = read_critic(cfg) if needs_critic(cfg) else None  # the estimator's registry entry decides
     mp = m.tensor_parallel_size * m.pipeline_parallel_size
     dp = max(1, t.num_workers // mp)
     engine_tp = r.tensor_parallel_size or m.tensor_parallel_size  # 0 = model.tensor_parallel_size

@@ -145,3 +145,14 @@ def test_token_budget_micro_batches():
     assert plan.shape["micro_batches_per_optimizer_step"] == 128 // 2 // 4
     one = make_plan(_input(_cfg()))
     assert plan.phases["train"][3].terms["activations"] > 3 * one.phases["train"][3].terms["activations"]
+
+
+def test_critic_is_counted_whenever_the_estimator_needs_values():
+    """PPO (``gae``) builds a critic from the policy when ``critic.model_dir`` is empty: SmolLM2's
+    trunk (134,515,008 parameters, its tied embedding kept as the embedding) + a value head [1, 576],
+    fp32 with DP 1: 4 (weights) + 4 (fp32 gradient buffer) + 8 (Adam's two moments) = 16 bytes each."""
+    plan = make_plan(_input(load_config(EXAMPLES / "cpu_demo.yaml", ["algorithm.estimator=gae"]), device="cpu", gib=64))
+    assert plan.phases["train"][0].terms["critic_state"] == 16 * (134_515_008 + 576)
+    assert all(r.terms["critic_state"] == 16 * (134_515_008 + 576) for p in PHASES for r in plan.phases[p])
+    no_critic = make_plan(_input(load_config(EXAMPLES / "cpu_demo.yaml"), device="cpu", gib=64))
+    assert all(r.terms["critic_state"] == 0 for p in PHASES for r in no_critic.phases[p])
