@@ -186,11 +186,11 @@ def read_critic(cfg) -> ModelInput:
 def plan_input_from_config(cfg, *, device: str, capacity_bytes: int, gpus_per_node: int = 8) -> PlanInput:
     """The planner's input for the run ``cfg`` on ``device`` GPUs (or CPU ranks) of
     ``capacity_bytes`` each (CPU: the host's memory). The one place that reads the Config."""
+    from megatron_rpp.config.hyper import needs_critic
+
     m, r, t, a = cfg.model, cfg.rollout, cfg.trainer, cfg.algorithm
     policy = read_model("model.hf_dir", m.hf_dir)
     reward = read_model("reward.model_dir", cfg.reward.model_dir) if cfg.reward.model_dir else None
-    from megatron_rpp.config.hyper import needs_critic
-
     critic = read_critic(cfg) if needs_critic(cfg) else None  # the estimator's registry entry decides
     mp = m.tensor_parallel_size * m.pipeline_parallel_size
     dp = max(1, t.num_workers // mp)
