@@ -87,12 +87,14 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower())
 
 
-def run_one(scenario: str, label: str, seed: int, overrides: list[str], out: Path, reuse: bool = True) -> dict:
+def run_one(scenario: str, label: str, seed: int, overrides: list[str], out: Path, reuse: bool = True,
+            recorded: dict | None = None) -> dict:
     """One ``megatron-rpp train`` subprocess; its metrics, wall/CPU time and peak RSS.
 
     A finished run leaves ``summary.json`` in ``out``; with ``reuse`` a later study with the same
     command takes it from there instead of training again (a study interrupted after N runs
-    resumes at run N + 1; a changed command, e.g. another budget, trains again)."""
+    resumes at run N + 1; a changed command, e.g. another budget, trains again). ``recorded`` maps
+    a command (JSON) to a run already in the study's JSON: the same reuse when the work dir is gone."""
     cmd = [sys.executable, "-m", "megatron_rpp.cli", "train", "--config", str(BASE_CONFIG), *COMMON, *overrides,
            *ESTIMATORS[label], f"trainer.seed={seed}", f"trainer.output_dir={out}"]
     done = out / "summary.json"
@@ -100,6 +102,8 @@ def run_one(scenario: str, label: str, seed: int, overrides: list[str], out: Pat
         summary = json.loads(done.read_text())
         if summary.get("command") == cmd[3:]:
             return {**summary, "reused": True}
+    if reuse and recorded and json.dumps(cmd[3:]) in recorded:
+        return {**recorded[json.dumps(cmd[3:])], "reused": True}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -419,8 +423,8 @@ def main() -> int:
     ap.add_argument("--work-dir", default="/tmp/megatron_rpp_compare_estimators")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--fresh", action="store_true",
-                    help="train every run again (default: reuse a finished run's summary.json in --work-dir "
-                         "when its command is the same)")
+                    help="train every run again (default: reuse a finished run's summary.json in --work-dir, "
+                         "or its record in the existing --out JSON, when its command is the same)")
     ap.add_argument("--check-seed", action="store_true",
                     help="at the end, re-run the first (estimator, seed) pair of each scenario in a fresh "
                          "directory and compare its curves with the first run (the study's reproducibility)")
@@ -435,6 +439,10 @@ def main() -> int:
                     "estimators": {k: ESTIMATORS[k] for k in study.estimators}, "seeds": seeds, "scenarios": {},
                     "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                                 "load_average_start": load_start}}
+    recorded: dict[str, dict] = {}  # command -> run, from a previous (partial) study's JSON at --out
+    if out.is_file() and not args.fresh:
+        for entry in json.loads(out.read_text()).get("scenarios", {}).values():
+            recorded.update({json.dumps(r["command"]): r for r in entry.get("runs", [])})
     all_runs = []
     for name in study.scenarios:
         sc, overrides = SCENARIOS[name], study.overrides(name)
@@ -453,7 +461,7 @@ def main() -> int:
         for seed in seeds:  # seed-major: a partial study still has every estimator at the first seeds
             for label in study.estimators:
                 run_dir = study.work_dir / name / f"{slug(label)}_seed{seed}"
-                runs.append(run_one(name, label, seed, overrides, run_dir, reuse=not args.fresh))
+                runs.append(run_one(name, label, seed, overrides, run_dir, reuse=not args.fresh, recorded=recorded))
                 r = runs[-1]
                 print(f"[{name}] {label:<21} seed {seed}: eval {r['eval'][0]['reward']:.3f} -> "
                       f"{r['eval'][-1]['reward']:.3f}, KL {r['eval'][-1]['kl']:.4f}, {r['wall']:.0f} s, "

@@ -6,11 +6,14 @@
 2. The study's own ``run_one`` (a ``megatron-rpp train`` subprocess) on a tiny model, PPO (the
    estimator with the most state: policy, reference and critic): the same (estimator, seed)
    twice gives the same curves — every eval and train point, bitwise — and another seed gives
-   other curves (so the comparison can fail).
+   other curves (so the comparison can fail). A finished run is reused, not trained again, from its
+   summary.json or — the work dir gone — from its record in the study's JSON, only when the
+   command is the same.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -78,3 +81,13 @@ def test_same_seed_same_curve(tmp_path):
     assert len(a["eval"]) == 3 and len(a["train"]) == 2 and "explained_variance" in a["train"][-1]
     assert curves[0] == curves[1]  # the same (estimator, seed): every point equal
     assert curves[0] != curves[2]  # another seed: other rollouts, other curves
+
+    # resuming: the summary.json in the run's directory, else the study JSON's record of the same command
+    assert ce.run_one("rule", "PPO", 1, overrides, tmp_path / "run_0")["reused"]
+    (tmp_path / "run_0" / "summary.json").unlink()
+    recorded = {json.dumps(a["command"]): a}
+    again = ce.run_one("rule", "PPO", 1, overrides, tmp_path / "run_0", recorded=recorded)
+    assert again["reused"] and (again["eval"], again["train"]) == curves[0]
+    assert not (tmp_path / "run_0" / "summary.json").exists()  # nothing trained
+    other = ce.run_one("rule", "PPO", 2, overrides, tmp_path / "run_0", recorded=recorded)  # another command: trains
+    assert "reused" not in other and (other["eval"], other["train"]) == curves[2]
