@@ -267,6 +267,23 @@ def build_bt_reward_model(out: Path, pairs: int, seed: int = 0, reuse: bool = Tr
     return report
 
 
+def same_reward_model(rm: dict, before: dict | None, rtol: float = 1e-4) -> dict:
+    """Resuming a study whose work dir (and so its RM) is gone: the RM is rebuilt from the same pairs
+    and seed; on another CPU its weights differ by float rounding. Keep the recorded score
+    normalisation (the finished runs' commands name it) when the rebuilt RM's score mean and std
+    agree with it to ``rtol``; otherwise the runs would not be comparable: stop, name both."""
+    if before is None or (before["requested_pairs"], before["seed"], before["dir"]) != (
+            rm["requested_pairs"], rm["seed"], rm["dir"]):
+        return rm
+    drift = max(abs(rm[k] - before[k]) / max(abs(before[k]), 1e-12) for k in ("score_mean", "score_std"))
+    if drift > rtol:
+        raise SystemExit(f"the rebuilt reward model scores mean {rm['score_mean']:.6g} / std {rm['score_std']:.6g}, "
+                         f"the recorded study's {before['score_mean']:.6g} / {before['score_std']:.6g} (relative "
+                         f"difference {drift:.1e} > {rtol:g}): its runs are not comparable; start again with --fresh")
+    return {**rm, "score_mean": before["score_mean"], "score_std": before["score_std"],
+            "rebuilt_score_drift": drift}
+
+
 # ----------------------------------------------------------------------------- aggregation, table, plots
 
 
@@ -440,9 +457,12 @@ def main() -> int:
                     "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                                 "load_average_start": load_start}}
     recorded: dict[str, dict] = {}  # command -> run, from a previous (partial) study's JSON at --out
+    recorded_rm: dict[str, dict] = {}  # scenario -> its reward model's report, from the same JSON
     if out.is_file() and not args.fresh:
-        for entry in json.loads(out.read_text()).get("scenarios", {}).values():
+        for name, entry in json.loads(out.read_text()).get("scenarios", {}).items():
             recorded.update({json.dumps(r["command"]): r for r in entry.get("runs", [])})
+            if "reward_model" in entry:
+                recorded_rm[name] = entry["reward_model"]
     all_runs = []
     for name in study.scenarios:
         sc, overrides = SCENARIOS[name], study.overrides(name)
@@ -452,6 +472,7 @@ def main() -> int:
                                        reuse=not args.fresh)
             print(f"[{name}] Bradley-Terry RM: held-out pairwise accuracy {json.dumps(rm['held_out_accuracy'])}, "
                   f"{rm['seconds']:.0f} s")
+            rm = same_reward_model(rm, recorded_rm.get(name))
             entry["reward_model"] = rm
             overrides = [*overrides, f"reward.model_dir={rm['dir']}", f"reward.model_mean={rm['score_mean']:.6g}",
                          f"reward.model_std={rm['score_std']:.6g}"]

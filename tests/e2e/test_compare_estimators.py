@@ -91,3 +91,16 @@ def test_same_seed_same_curve(tmp_path):
     assert not (tmp_path / "run_0" / "summary.json").exists()  # nothing trained
     other = ce.run_one("rule", "PPO", 2, overrides, tmp_path / "run_0", recorded=recorded)  # another command: trains
     assert "reused" not in other and (other["eval"], other["train"]) == curves[2]
+
+
+def test_rebuilt_reward_model_keeps_the_recorded_normalisation():
+    ce = _study()
+    before = {"dir": "/w/bt_reward_model", "requested_pairs": 3000, "seed": 0, "score_mean": 0.5, "score_std": 2.0}
+    rebuilt = {**before, "score_mean": 0.50002, "score_std": 2.0001, "held_out_accuracy": {"all": 0.8}}
+    kept = ce.same_reward_model(rebuilt, before)  # 4e-5 / 5e-5 relative: the same RM up to rounding
+    assert (kept["score_mean"], kept["score_std"]) == (0.5, 2.0)
+    assert kept["rebuilt_score_drift"] == pytest.approx(5e-5) and kept["held_out_accuracy"] == {"all": 0.8}
+    assert ce.same_reward_model(rebuilt, None) is rebuilt  # nothing recorded: the new RM as it is
+    assert ce.same_reward_model(rebuilt, {**before, "requested_pairs": 300}) is rebuilt  # another RM
+    with pytest.raises(SystemExit, match=r"mean 0.6 / std 2.*0.5 / 2.*--fresh"):
+        ce.same_reward_model({**rebuilt, "score_mean": 0.6}, before)
