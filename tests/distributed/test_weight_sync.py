@@ -2,7 +2,8 @@
 
 Per case: build the Megatron model, start a vLLM engine with random weights, sync,
 sample a fixed set of sequences, take one SGD step on the Megatron weights, sync again,
-and compare the engine's log-probs with Megatron's (fp32, max |Δ| <= 1e-4):
+and compare the engine's log-probs with Megatron's (fp32; |Δ| bounded relative to the
+log-probs' magnitude, see ``REL_TOL``):
 teacher-forced log-probs of the fixed sequences, and the sampled-token log-probs of new
 samples at temperature 0.8 (the engine's ``processed_logprobs`` vs Megatron's
 log_softmax(logits / 0.8)). The self-check must pass after the sync, and must fail on
@@ -37,7 +38,15 @@ from testlib.tiny_models import tiny_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm]
 
-TOL = 1e-4  # fp32 engine and fp32 trainer; observed gaps are ~1e-6
+TOL = 1e-4  # the self-check's threshold for stale weights and broken mappings (their gaps are >= 1e-2)
+REL_TOL, ABS_FLOOR = 5e-6, 1e-5
+"""Engine vs trainer after a sync: max |Δ log-prob| <= max(ABS_FLOOR, REL_TOL * max |log-prob|), the max
+over the case's fixed and probe sequences. Both sides are fp32 with different kernels (vLLM's CPU attention
+and GEMMs vs torch's), so the gap is rounding, which scales with the log-probs' magnitude: after the lr 0.5
+step the tied vocab-509 model's log-probs reach -69, and on an AMD EPYC CPU (CI's) its fixed-sequence gap
+measured 1.03e-4 at a log-prob of -63.5 (1.6e-6 relative, ~13 fp32 ulps; the other gaps 3e-6..5.7e-5, at
+most 1.1e-6 of their case's largest |log-prob|). REL_TOL is 3x the worst measured ratio; at |log-prob| 69 it
+allows 3.4e-4, 30x below the gaps of a stale weight or a broken mapping."""
 TEMPERATURE = 0.8
 BUCKET = 256 << 10
 
@@ -97,6 +106,11 @@ def _max_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+def _fp32_bound(log_probs: list[torch.Tensor]) -> float:
+    """The allowed engine-vs-trainer gap for these (trainer) log-probs: ``REL_TOL`` of the largest magnitude."""
+    return max(ABS_FLOOR, REL_TOL * max(float(x.abs().max()) for x in log_probs))
+
+
 def _case(cfg: dict, tp: int, pp: int, workdir: str, *, broken_mapping: bool, engine_tp: int) -> dict:
     import torch.distributed as dist
 
@@ -148,15 +162,17 @@ def _case(cfg: dict, tp: int, pp: int, workdir: str, *, broken_mapping: bool, en
         out["stats"] = stats
         engine_fixed = engine.score([s[:1] for s in fixed], [s[1:] for s in fixed])
         out["fixed_gap"] = _max_gap(engine_fixed, after)
-        out["probe"] = check_engine_matches_trainer(engine, model, groups, probe, max_abs_tol=TOL)
+        # One bound per case: the probe's random tokens span the model's log-prob range (the sampled tokens'
+        # own log-probs are small, but their rounding comes from the same logits and log-sum-exp).
+        out["bound"] = _fp32_bound(after + trainer_sequence_log_probs(model, groups, probe))
+        out["probe"] = check_engine_matches_trainer(engine, model, groups, probe, max_abs_tol=out["bound"])
 
         # New samples after the sync: the engine's sampled-token log-probs at T = 0.8.
         responses = engine.generate(PROMPTS, SamplingConfig(temperature=TEMPERATURE, max_tokens=10, n=2, seed=11))
         seqs = [PROMPTS[r.prompt_index] + r.token_ids for r in responses]
         trainer_t = trainer_sequence_log_probs(model, groups, seqs, temperature=TEMPERATURE)
-        out["sampled_gap"] = max(
-            float((r.log_probs - t[len(PROMPTS[r.prompt_index]) - 1:]).abs().max()) for r, t in zip(responses, trainer_t)
-        )
+        trainer_t = [t[len(PROMPTS[r.prompt_index]) - 1:] for r, t in zip(responses, trainer_t)]
+        out["sampled_gap"] = _max_gap([r.log_probs for r in responses], trainer_t)
         out["responses"] = [(r.prompt_index, r.sample_index, r.token_ids, r.finish_reason) for r in responses]
 
         if stats.path == "direct":  # the same weights through vLLM's own loaders: the same log-probs
@@ -239,7 +255,7 @@ def test_sync_after_optimizer_step_matches_megatron(tp, pp, tmp_path):
             what = (f"rank {rank} {res['arch']} tied={res['tied']} vocab={res['vocab']} heads={res['heads']} "
                     f"tp={tp} pp={pp} engine_tp={res['engine_tp']} engine heads={res['engine_heads']}")
             print(f"{what}: {res['stats'].path} path, gaps fixed {res['fixed_gap']:.2e} sampled "
-                  f"{res['sampled_gap']:.2e} probe {res['probe']['max_abs_diff']:.2e}")
+                  f"{res['sampled_gap']:.2e} probe {res['probe']['max_abs_diff']:.2e} (bound {res['bound']:.1e})")
             assert res["stats"].path == (EXPECTED_PATH[res["engine_tp"]] if tp > 1 else "gather"), what
             if res["stats"].path == "direct":
                 assert res["gather_path_after_direct"] == "gather", what
@@ -247,9 +263,9 @@ def test_sync_after_optimizer_step_matches_megatron(tp, pp, tmp_path):
             assert res["hf_shapes"] == _transformers_shapes(cfg), what
             assert res["step_changed_log_probs"] > 1e-2, what  # the step really moved the policy
             assert res["stale_caught"], f"{what}: the self-check missed stale weights"
-            assert res["fixed_gap"] <= TOL, f"{what}: fixed sequences {res['fixed_gap']:.3g}"
-            assert res["probe"]["max_abs_diff"] <= TOL, what
-            assert res["sampled_gap"] <= TOL, f"{what}: sampled tokens {res['sampled_gap']:.3g}"
+            assert res["fixed_gap"] <= res["bound"], f"{what}: fixed sequences {res['fixed_gap']:.3g}"
+            assert res["probe"]["max_abs_diff"] <= res["bound"], what
+            assert res["sampled_gap"] <= res["bound"], f"{what}: sampled tokens {res['sampled_gap']:.3g}"
             # n = 2 per prompt, prompt-major.
             assert [(p, s) for p, s, _, _ in res["responses"]] == [(p, s) for p in range(3) for s in range(2)]
             stats = res["stats"]
