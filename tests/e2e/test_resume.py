@@ -66,7 +66,9 @@ def _same(a: dict, b: dict, step: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("estimator", list(RUNS))
+# The REINFORCE++ run is extended: the default tier resumes a REINFORCE++ run after a SIGKILL in
+# tests/cluster/test_slurm_train.py (a DP=2 job whose node is killed, same tolerance) and the PPO run here.
+@pytest.mark.parametrize("estimator", [pytest.param("reinforce_pp", marks=pytest.mark.extended), "gae"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, estimator):
     hf = make_tiny_hf_dir(tmp_path / "tiny_llama_hf")
     full, killed = tmp_path / "full", tmp_path / "killed"
