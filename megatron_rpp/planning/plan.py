@@ -251,13 +251,12 @@ def make_plan(inp: PlanInput) -> Plan:
                          + ([_activations(inp, inp.reward_model, rm_ranks[r], train=False)] if rm_ranks else []))
         train_acts = _activations(inp, inp.policy, params, train=True)
         step = T.optimizer_step_bytes(params.largest, inp.device)
-        check = T.grad_finite_check_bytes(params.elements)
         train_logprob = _logprob(inp, params, train=True)
         phase_terms = {
             "generate": dict(engine_weights=eng_weights, kv_cache=kv, engine_overhead=base["engine_overhead"] + eng_workspace),
             "score": dict(activations=score_acts, logprob_workspace=_logprob(inp, params, train=False)),
             "train": dict(activations=train_acts, logprob_workspace=train_logprob,
-                          grad_check=T.grad_check_term_bytes(train_acts, train_logprob, check, step, inp.device)),
+                          grad_check=T.grad_check_term_bytes(train_acts, train_logprob, step, inp.device)),
             "weight_sync": dict(engine_weights=eng_weights, weight_sync_buffer=sync),
         }
         for phase, extra in phase_terms.items():

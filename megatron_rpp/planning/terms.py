@@ -57,35 +57,23 @@ def optimizer_step_bytes(largest: int, device: str) -> int:
     return 2 * FP32 * largest if device == "cpu" else 0
 
 
-def grad_finite_check_bytes(elements: int) -> int:
-    """Transient of ``trainer.optim.step_if_finite``'s check before the optimizer step:
-    ``torch.isfinite(buf.grad_data).all()`` over DDP's fp32 gradient buffer. ``isfinite`` is
-    a composite, ``(g == g) * (g.abs() != inf)``, whose temporaries all live until the
-    product is made: ``abs`` (fp32, 4 bytes/element) and three bool tensors (``==``,
-    ``!=``, the product; 1 each), so ``7 * P`` on every device (measured on CPU with
-    ``torch.profiler``: ``benchmarks/probe_train_memory.py``). ``elements``: the buffer's,
-    i.e. the rank's parameter elements (with a virtual pipeline each chunk's buffer is
-    checked in turn: an upper bound there).
-    """
-    return elements * (GRAD_BYTES + 3)
-
-
-def grad_check_term_bytes(activations: int, logprob: int, check: int, step: int, device: str) -> int:
+def grad_check_term_bytes(activations: int, logprob: int, step: int, device: str) -> int:
     """The training phase's bytes after the backward, beyond its ``activations`` and
-    ``logprob_workspace`` terms: the gradient check (:func:`grad_finite_check_bytes`), then
-    ``optimizer.step`` (:func:`optimizer_step_bytes`), the larger of the two (sequential).
+    ``logprob_workspace`` terms: ``optimizer.step``'s temporaries (:func:`optimizer_step_bytes`).
+    The gradient check before it (``trainer.optim.all_finite``, one ``aminmax`` reduction per
+    gradient buffer) makes no element-sized temporary; it used to be ``torch.isfinite(g).all()``,
+    7 bytes/param alive together (``abs`` fp32 + three bool tensors; measured with
+    ``benchmarks/probe_train_memory.py``), the largest transient of the step.
 
     CPU: all of it, on top of the activations: glibc keeps the freed activations resident
     (their tensors are below its mmap threshold, at most 32 MiB, and free chunks inside the
-    heap go back to the OS only through ``malloc_trim``), while the check's and the step's
-    large temporaries are new mappings. GPU: only what exceeds the backward's peak
-    (PyTorch's caching allocator frees its cached activation blocks and retries before it
-    reports an out-of-memory), so the phase's transient is the largest of the three.
+    heap go back to the OS only through ``malloc_trim``), while the step's large temporaries
+    are new mappings. GPU: only what exceeds the backward's peak (PyTorch's caching allocator
+    frees its cached activation blocks and retries before it reports an out-of-memory).
     """
-    after = max(check, step)
     if device == "cpu":
-        return after
-    return max(0, after - activations - logprob)
+        return step
+    return max(0, step - activations - logprob)
 
 
 # ----------------------------------------------------------------------------- activations
