@@ -1,7 +1,7 @@
 """REINFORCE++ and its baselines side by side: the same task, model, data order, sampling budget and
 learning rate; only the advantage estimator (and where its KL goes) differs; >= 3 seeds each.
 
-    python benchmarks/compare_estimators.py            # the full study (both scenarios; > 2 h: RESULTS.md)
+    python benchmarks/compare_estimators.py            # the full study (both scenarios, 30 runs; < 2 h)
     python benchmarks/compare_estimators.py --quick    # every estimator once, tiny budget (<= 10 min)
 
 Estimators (``ESTIMATORS``): REINFORCE++ (k1 KL in the reward), REINFORCE++-baseline (group-mean
@@ -10,7 +10,8 @@ baseline, then global whitening; k1 in the reward), GRPO (group-normalised, k3 K
 zero value head; k1 in the reward). One β for every estimator (in the reward or as the loss weight).
 
 Scenarios (``SCENARIOS``), both on SmolLM2-135M-Instruct and reasoning-gym two-term arithmetic
-prompts (``examples/configs/cpu_demo.yaml``'s data and budget):
+prompts (``examples/configs/cpu_demo.yaml``'s data, model and learning rate; :data:`STUDY_BUDGET`'s
+4 prompts x 4 samples per step):
 
 - ``rule``: reasoning-gym's answer checker (1 = correct);
 - ``bt``: a Bradley-Terry reward model made here, offline (:func:`build_bt_reward_model`): a tiny
@@ -55,6 +56,11 @@ ESTIMATORS = {
 }
 #: Every run of the study: one in-process worker, rule rewards scored in the controller, no export.
 COMMON = ["trainer.num_workers=1", "reward.num_workers=0", "trainer.export_hf=false", "trainer.progress=false"]
+#: The study's sampling budget (sized so the whole study fits 2 hours on 2 cores: RESULTS.md):
+#: 4 prompts x 4 samples per step, four optimizer steps of 4 sequences per rollout batch (the
+#: policy still takes 16 updates in 4 steps, as the 8-step, 8 x 4 budget of the first study did).
+STUDY_BUDGET = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4",
+                "trainer.train_batch_size=4", "trainer.micro_batch_size=4"]
 #: --quick: the same runs with a tiny sampling budget (plumbing and a duration estimate, not results).
 QUICK_BUDGET = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=2",
                 "trainer.train_batch_size=4", "trainer.micro_batch_size=4", "data.num_eval_prompts=16"]
@@ -71,10 +77,10 @@ class Scenario:
 
 
 SCENARIOS = {
-    "rule": Scenario("rule reward (reasoning-gym answer check)", ["algorithm.kl_coef=0.001"], steps=8,
-                     eval_interval=4),
-    "bt": Scenario("Bradley-Terry reward model (synthetic preferences)", ["algorithm.kl_coef=0.01"], steps=6,
-                   eval_interval=3, rm_pairs=3000),
+    "rule": Scenario("rule reward (reasoning-gym answer check)", ["algorithm.kl_coef=0.001"], steps=4,
+                     eval_interval=2),
+    "bt": Scenario("Bradley-Terry reward model (synthetic preferences)", ["algorithm.kl_coef=0.01"], steps=3,
+                   eval_interval=2, rm_pairs=3000),
 }
 SEEDS = (1, 2, 3)
 SCORE_PHASES = ("reward", "old_log_probs", "ref_log_probs", "values")
@@ -375,10 +381,15 @@ def plot(scenario: str, runs: list[dict], stem: Path) -> list[str]:
     return written
 
 
-#: The full budget per step, measured on cpu_demo.yaml's 8 prompts x 4 samples (<= 32 new tokens):
-#: ~1990 tokens trained (``tokens/train_real``, prompts + responses) and evaluation of 64 prompts
-#: with ~2x the quick run's response tokens, i.e. ~8x its evaluation work.
-FULL_TOKENS_PER_STEP, FULL_EVAL_FACTOR = 1990, 8.0
+#: The full budget per step (:data:`STUDY_BUDGET`, 4 prompts x 4 samples, <= 32 new tokens): ~930
+#: tokens trained (``tokens/train_real``, prompts + responses; 1857 measured for 8 x 4) and
+#: evaluation of 64 prompts with ~2x the quick run's response tokens, i.e. ~8x its evaluation work.
+FULL_TOKENS_PER_STEP, FULL_EVAL_FACTOR = 930, 8.0
+
+
+def eval_steps(steps: int, interval: int) -> list[int]:
+    """The steps a run evaluates at: 0, every ``interval`` and the last (``trainer.eval_interval``)."""
+    return sorted({*range(0, steps + 1, interval), steps}) if interval > 0 else [0, steps]
 
 
 def estimate_full(runs: list[dict]) -> float | None:
@@ -395,7 +406,7 @@ def estimate_full(runs: list[dict]) -> float | None:
             steps, per_step = len(r["train"]), r["seconds_per_step"]["step"]
             startup = r["wall"] - steps * per_step - len(r["eval"]) * r["eval_seconds"]
             full_step = per_step * FULL_TOKENS_PER_STEP / max(r["tokens_per_step"], 1.0)
-            full_evals = sc.steps // sc.eval_interval + 1
+            full_evals = len(eval_steps(sc.steps, sc.eval_interval))
             total += len(SEEDS) * (startup + sc.steps * full_step + full_evals * r["eval_seconds"] * FULL_EVAL_FACTOR)
     return total
 
@@ -417,7 +428,7 @@ class Study:
         sc = SCENARIOS[name]
         steps = self.steps or (sc.quick_steps if self.quick else sc.steps)
         interval = 0 if self.quick else sc.eval_interval
-        return [*sc.overrides, *(QUICK_BUDGET if self.quick else []), f"trainer.steps={steps}",
+        return [*sc.overrides, *(QUICK_BUDGET if self.quick else STUDY_BUDGET), f"trainer.steps={steps}",
                 f"trainer.eval_interval={interval}", *self.extra]
 
 
