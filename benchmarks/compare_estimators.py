@@ -1,7 +1,7 @@
 """REINFORCE++ and its baselines side by side: the same task, model, data order, sampling budget and
 learning rate; only the advantage estimator (and where its KL goes) differs; >= 3 seeds each.
 
-    python benchmarks/compare_estimators.py            # the full study (both scenarios, 30 runs; < 2 h)
+    python benchmarks/compare_estimators.py            # the full study (both scenarios, 30 runs: ~2 h)
     python benchmarks/compare_estimators.py --quick    # every estimator once, tiny budget (<= 10 min)
 
 Estimators (``ESTIMATORS``): REINFORCE++ (k1 KL in the reward), REINFORCE++-baseline (group-mean
