@@ -57,8 +57,8 @@ ESTIMATORS = {
 #: Every run of the study: one in-process worker, rule rewards scored in the controller, no export.
 COMMON = ["trainer.num_workers=1", "reward.num_workers=0", "trainer.export_hf=false", "trainer.progress=false"]
 #: The study's sampling budget (sized so the whole study fits 2 hours on 2 cores: RESULTS.md):
-#: 4 prompts x 4 samples per step, two optimizer steps of 8 sequences per rollout batch (four of
-#: 4 would cost ~3.5 s more per optimizer step on this CPU: the study would not fit).
+#: 4 prompts x 4 samples per step, two optimizer steps of 8 sequences per rollout batch (four
+#: optimizer steps of 4 were tried: each optimizer step costs ~3.5 s on this CPU, too slow to fit).
 STUDY_BUDGET = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4",
                 "trainer.train_batch_size=8", "trainer.micro_batch_size=8"]
 #: --quick: the same runs with a tiny sampling budget (plumbing and a duration estimate, not results).
@@ -381,10 +381,11 @@ def plot(scenario: str, runs: list[dict], stem: Path) -> list[str]:
     return written
 
 
-#: The full budget per step (:data:`STUDY_BUDGET`, 4 prompts x 4 samples, <= 32 new tokens): ~930
-#: tokens trained (``tokens/train_real``, prompts + responses; 1857 measured for 8 x 4) and
-#: evaluation of 64 prompts with ~2x the quick run's response tokens, i.e. ~8x its evaluation work.
-FULL_TOKENS_PER_STEP, FULL_EVAL_FACTOR = 930, 8.0
+#: The full budget per step (:data:`STUDY_BUDGET`, 4 prompts x 4 samples, <= 32 new tokens): ~955
+#: tokens trained (``tokens/train_real``, prompts + responses; the full study's mean: 942 rule,
+#: 972 bt) and evaluation of 64 prompts with ~2x the quick run's response tokens, i.e. ~8x its
+#: evaluation work.
+FULL_TOKENS_PER_STEP, FULL_EVAL_FACTOR = 955, 8.0
 
 
 def eval_steps(steps: int, interval: int) -> list[int]:

@@ -77,6 +77,7 @@ def test_same_seed_same_curve(tmp_path):
                  "trainer.steps=2", "trainer.eval_interval=1"]
     a, b = (ce.run_one("rule", "PPO", 1, overrides, tmp_path / f"run_{i}") for i in range(2))
     assert len(a["eval"]) == 3 and len(a["train"]) == 2 and "explained_variance" in a["train"][-1]
+    assert [e["step"] for e in a["eval"]] == ce.eval_steps(2, 1)  # the duration estimate counts what the trainer does
     assert (a["eval"], a["train"]) == (b["eval"], b["train"])  # the same (estimator, seed): every point equal
 
     # resuming: the summary.json in the run's directory, else the study JSON's record of the same command
@@ -88,6 +89,14 @@ def test_same_seed_same_curve(tmp_path):
     assert not (tmp_path / "run_0" / "summary.json").exists()  # nothing trained
     other = ce.run_one("rule", "PPO", 2, overrides, tmp_path / "run_0", recorded=recorded)  # another command: trains
     assert "reused" not in other and (other["eval"], other["train"]) != (a["eval"], a["train"])  # other rollouts
+
+
+def test_eval_steps_hand_worked():
+    ce = _study()
+    assert ce.eval_steps(4, 2) == [0, 2, 4]  # the rule scenario
+    assert ce.eval_steps(3, 2) == [0, 2, 3]  # bt: the last step is evaluated too
+    assert ce.eval_steps(6, 4) == [0, 4, 6]
+    assert ce.eval_steps(2, 0) == [0, 2]  # interval 0 (--quick): start and end only
 
 
 def test_rebuilt_reward_model_keeps_the_recorded_normalisation():
