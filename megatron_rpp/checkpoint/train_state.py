@@ -108,6 +108,21 @@ def _keeping_step_on_load(optimizer):
             del part._set_main_param_and_optimizer_states
 
 
+@contextlib.contextmanager
+def _keeping_kernel_choice(optimizer):
+    """torch's ``load_state_dict`` takes every parameter-group entry from the checkpoint, ``fused``
+    (which Adam kernel runs, ``trainer/optim.py``'s ``use_fused_cpu_adam``) too; that is this
+    process's choice, not state: keep it."""
+    from megatron_rpp.trainer.optim import torch_optimizers
+
+    inner = torch_optimizers(optimizer)
+    chosen = [[g.get("fused") for g in o.param_groups] for o in inner]
+    yield
+    for o, kernels in zip(inner, chosen):
+        for g, fused in zip(o.param_groups, kernels):
+            g["fused"] = fused
+
+
 def _own_step_tensors(optimizer) -> None:
     """megatron-core's distributed-optimizer loader puts one shared ``step`` tensor on every
     parameter's state; torch's Adam bumps it in place once per parameter per step (a silently
@@ -168,7 +183,7 @@ def load_model_and_optimizer(model, optimizer, path: str | Path) -> None:
     with torch.no_grad():
         for i, c in enumerate(chunks):
             c.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
-        with _keeping_step_on_load(optimizer):
+        with _keeping_step_on_load(optimizer), _keeping_kernel_choice(optimizer):
             optimizer.load_state_dict(state["optimizer"])
     _own_step_tensors(optimizer)
     _barrier()

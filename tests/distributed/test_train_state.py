@@ -60,7 +60,22 @@ def _full_state(model, opt, groups) -> dict:
         for p, d in zip(params, data):
             p.data = d
     out["step"] = {float(opt.optimizer.state[p]["step"]) for p in params}
+    out["fused"] = _kernels(opt)
     return out
+
+
+def _kernels(opt) -> set:
+    from megatron_rpp.trainer.optim import torch_optimizers
+
+    return {g["fused"] for o in torch_optimizers(opt) for g in o.param_groups}
+
+
+def _set_kernel(opt, fused: bool) -> None:
+    from megatron_rpp.trainer.optim import torch_optimizers
+
+    for o in torch_optimizers(opt):
+        for g in o.param_groups:
+            g["fused"] = fused
 
 
 def _run(cfg, tp, dtype, ckpt, mode):
@@ -76,7 +91,9 @@ def _run(cfg, tp, dtype, ckpt, mode):
         load_model_and_optimizer(model, opt, ckpt)
     else:
         _step(ddp, opt, groups, cfg, 1)
+        _set_kernel(opt, False)  # a checkpoint written with torch's per-tensor Adam loop (before use_fused_cpu_adam)
         save_model_and_optimizer(model, opt, ckpt)
+        _set_kernel(opt, True)
     state = _full_state(model, opt, groups)
     _step(ddp, opt, groups, cfg, 2)
     after = gather_full_params(model, groups)
@@ -96,6 +113,8 @@ def test_resume_restores_state_exactly(tmp_path, save_layout, load_layout):
     loaded, after_loaded = run_ranks(_run, world_l, cfg, tp_l, torch.float32, ckpt, "resume")[0]
     # Weights, both Adam moments and the step come back bitwise, at any layout.
     assert saved["step"] == loaded["step"] == {1.0}
+    # The Adam kernel is this process's choice (fused on CPU), not the checkpoint's (it says per-tensor loop).
+    assert saved["fused"] == loaded["fused"] == {True}
     for kind in ("param", "exp_avg", "exp_avg_sq"):
         assert saved[kind].keys() == loaded[kind].keys()
         for name in saved[kind]:
