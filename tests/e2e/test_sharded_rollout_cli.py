@@ -60,7 +60,6 @@ def _check(rows: list[dict], *, direct: bool) -> None:
 
 
 @pytest.mark.smollm2
-@pytest.mark.extended  # default tier: test_ppo_cli.py's SmolLM2 TP=2 run takes the same direct path, checked
 def test_smollm2_two_workers_engine_tp2_direct_sync(tmp_path):
     rows = _train(tmp_path / "run", "model.hf_dir=smollm2", "trainer.num_workers=2", "model.tensor_parallel_size=2",
                   "rollout.tensor_parallel_size=2")
@@ -69,9 +68,7 @@ def test_smollm2_two_workers_engine_tp2_direct_sync(tmp_path):
     assert all(r["weight_sync/bytes"] < 0.55 * 538_060_032 for r in rows), rows
 
 
-# Two engine groups at TP2 x PP2 are extended: the default tier has them at the library level
-# (test_weight_sync.py's tp2pp2 case, engine TP 2, direct) and this CLI run with engine TP 4.
-@pytest.mark.parametrize("engine_tp,direct", [pytest.param(2, True, marks=pytest.mark.extended), (4, False)],
+@pytest.mark.parametrize("engine_tp,direct", [(2, True), (4, False)],
                          ids=["engine-tp2-two-groups", "engine-tp4-one-group"])
 def test_four_workers_tp2_pp2(tmp_path, engine_tp, direct):
     hf = make_tiny_hf_dir(tmp_path.parent / "tiny_llama_hf")
