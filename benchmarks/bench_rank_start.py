@@ -1,5 +1,5 @@
 """Starting a short-lived Megatron world: ``run_ranks`` with spawned ranks vs ranks forked from a
-preloading forkserver (``megatron_rpp.parallel.spawn.START_METHODS``), side by side.
+preloading forkserver (``megatron_rpp.parallel.spawn.default_start_method``), side by side.
 
 Each call starts ``--ranks`` gloo ranks that do what a distributed test's rank does first:
 initialise Megatron's parallel state at TP = ``--ranks`` and build the SmolLM2-135M-Instruct

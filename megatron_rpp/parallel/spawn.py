@@ -8,12 +8,12 @@ not finish within ``timeout`` seconds is torn down.
 The process group is NCCL when CUDA is available (rank r on device r mod #GPUs), gloo
 otherwise (:func:`default_backend`).
 
-Start method (:data:`START_METHODS`): gloo ranks are forked from a ``forkserver`` that has
-imported torch, megatron-core and the trainer once (:data:`PRELOAD`): a 2-rank world that
-builds SmolLM2-135M starts in ~2 s instead of ~10 on a 2-core VM (a spawned rank re-imports
-them, ~6 s of CPU; benchmarks/bench_rank_start.py). Each rank still gets the caller's
-environment as it is at the call, not the server's. NCCL ranks are spawned: nothing that touches CUDA may
-be forked.
+Start method (:func:`default_start_method`): without CUDA, ranks are forked from a
+``forkserver`` that has imported torch, megatron-core and the trainer once (:data:`PRELOAD`):
+a 2-rank world that builds SmolLM2-135M starts in ~2 s instead of ~10 on a 2-core VM (a
+spawned rank re-imports them, ~6 s of CPU; benchmarks/bench_rank_start.py). Each rank still
+gets the caller's environment as it is at the call, not the server's. With CUDA, ranks are
+spawned (whatever the backend): nothing that may have touched CUDA is forked.
 """
 from __future__ import annotations
 
@@ -46,8 +46,16 @@ def default_backend(cuda_available: bool | None = None) -> str:
     return "nccl" if cuda_available else "gloo"
 
 
-#: How ranks start, per process-group backend (see the module docstring).
-START_METHODS = {"gloo": "forkserver", "nccl": "spawn"}
+def default_start_method(cuda_available: bool | None = None) -> str:
+    """``"spawn"`` with CUDA, ``"forkserver"`` (with :data:`PRELOAD`) without (``cuda_available``:
+    default ``torch.cuda.is_available()``)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "spawn" if cuda_available else "forkserver"
+
+
 #: What the forkserver imports once, before it forks any rank.
 PRELOAD = ("torch", "torch.distributed", "megatron.core", "megatron_rpp.trainer.loop")
 
@@ -107,9 +115,9 @@ def run_ranks(
     ``fn`` must be importable by name (a module-level function). Each rank has
     ``torch.distributed`` initialised (``backend``, default :func:`default_backend`; ranks
     0..N-1 on 127.0.0.1) before ``fn`` runs, and torn down (Megatron's model parallel state
-    included) after. Ranks start by ``start_method`` (default :data:`START_METHODS`
-    of the backend: ``"forkserver"`` for gloo, ``"spawn"`` for NCCL); either way a rank's
-    environment is the caller's ``os.environ`` at this call, updated by ``env``.
+    included) after. Ranks start by ``start_method`` (default :func:`default_start_method`:
+    ``"forkserver"`` without CUDA, ``"spawn"`` with it); either way a rank's environment is
+    the caller's ``os.environ`` at this call, updated by ``env``.
 
     Returns:
         ``[result of rank 0, ..., result of rank N-1]`` (results are pickled).
@@ -120,9 +128,9 @@ def run_ranks(
     import multiprocessing as mp
 
     backend = backend or default_backend()
-    if backend not in START_METHODS:
-        raise ValueError(f"backend {backend!r}; supported: {', '.join(START_METHODS)}")
-    ctx = mp.get_context(start_method or START_METHODS[backend])
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend {backend!r}; supported: gloo, nccl")
+    ctx = mp.get_context(start_method or default_start_method())
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when this process first starts the server
     results = ctx.Queue()

@@ -13,8 +13,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-from megatron_rpp.parallel.spawn import PRELOAD, RankError, run_ranks
+from megatron_rpp.parallel.spawn import PRELOAD, RankError, default_start_method, run_ranks
 
 
 def _state(name: str) -> dict:
@@ -34,18 +35,24 @@ def _fail_on_rank_1() -> None:
         raise ValueError("rank one says no")
 
 
+def test_start_method_forks_only_without_cuda():
+    assert default_start_method(cuda_available=False) == "forkserver"
+    assert default_start_method(cuda_available=True) == "spawn"  # nothing that may touch CUDA is forked
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="ranks are spawned where CUDA is available")
 def test_gloo_ranks_are_forked_with_the_trainer_preloaded():
     # this module imports neither megatron nor the trainer: a spawned rank would not have them
-    states = run_ranks(_state, 2, "megatron.core")
+    states = run_ranks(_state, 2, "megatron.core", backend="gloo")
     assert states == [{"method": "forkserver", "preloaded": True, "rank": r, "world": 2} for r in range(2)]
     assert "megatron_rpp.trainer.loop" in PRELOAD
-    spawned = run_ranks(_state, 1, "megatron.core", start_method="spawn")
+    spawned = run_ranks(_state, 1, "megatron.core", backend="gloo", start_method="spawn")
     assert spawned == [{"method": "spawn", "preloaded": False, "rank": 0, "world": 1}]
 
 
 def test_a_failing_rank_is_reraised_with_its_traceback():
     with pytest.raises(RankError, match=r"(?s)rank 1 of _fail_on_rank_1 failed:.*ValueError: rank one says no"):
-        run_ranks(_fail_on_rank_1, 2)
+        run_ranks(_fail_on_rank_1, 2, backend="gloo")
 
 
 SCRIPT = textwrap.dedent("""
