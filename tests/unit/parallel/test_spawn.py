@@ -15,16 +15,16 @@ import textwrap
 import pytest
 import torch
 
-from megatron_rpp.parallel.spawn import PRELOAD, RankError, default_start_method, run_ranks
+from megatron_rpp.parallel.spawn import RankError, default_start_method, run_ranks
 
 
-def _state(name: str) -> dict:
-    """What a rank sees: the start method, whether ``name`` was imported before ``fn`` ran."""
+def _state(*names: str) -> dict:
+    """What a rank sees: the start method, which of ``names`` were imported before ``fn`` ran."""
     import multiprocessing as mp
 
     import torch.distributed as dist
 
-    return {"method": mp.get_start_method(), "preloaded": name in sys.modules,
+    return {"method": mp.get_start_method(), "preloaded": [n for n in names if n in sys.modules],
             "rank": dist.get_rank(), "world": dist.get_world_size()}
 
 
@@ -43,11 +43,11 @@ def test_start_method_forks_only_without_cuda():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="ranks are spawned where CUDA is available")
 def test_gloo_ranks_are_forked_with_the_trainer_preloaded():
     # this module imports neither megatron nor the trainer: a spawned rank would not have them
-    states = run_ranks(_state, 2, "megatron.core", backend="gloo")
-    assert states == [{"method": "forkserver", "preloaded": True, "rank": r, "world": 2} for r in range(2)]
-    assert "megatron_rpp.trainer.loop" in PRELOAD
-    spawned = run_ranks(_state, 1, "megatron.core", backend="gloo", start_method="spawn")
-    assert spawned == [{"method": "spawn", "preloaded": False, "rank": 0, "world": 1}]
+    heavy = ("megatron.core", "megatron_rpp.trainer.loop")
+    states = run_ranks(_state, 2, *heavy, backend="gloo")
+    assert states == [{"method": "forkserver", "preloaded": list(heavy), "rank": r, "world": 2} for r in range(2)]
+    spawned = run_ranks(_state, 1, *heavy, backend="gloo", start_method="spawn")
+    assert spawned == [{"method": "spawn", "preloaded": [], "rank": 0, "world": 1}]
 
 
 def test_a_failing_rank_is_reraised_with_its_traceback():
@@ -56,18 +56,20 @@ def test_a_failing_rank_is_reraised_with_its_traceback():
 
 
 SCRIPT = textwrap.dedent("""
+    import functools
     import os
     from megatron_rpp.parallel import spawn
 
     spawn.PRELOAD = ()  # the server's imports do not matter here: keep it quick
     os.environ["RPP_PROBE_GONE"] = "server start"
     os.environ["RPP_PROBE_CHANGED"] = "server start"
-    first = spawn.run_ranks(os.getenv, 1, "RPP_PROBE_GONE")  # starts the forkserver
+    run = functools.partial(spawn.run_ranks, backend="gloo", start_method="forkserver")  # even where CUDA is
+    first = run(os.getenv, 1, "RPP_PROBE_GONE")  # starts the forkserver
     del os.environ["RPP_PROBE_GONE"]
     os.environ["RPP_PROBE_CHANGED"] = "second call"
     os.environ["RPP_PROBE_NEW"] = "second call"
     names = ("RPP_PROBE_GONE", "RPP_PROBE_CHANGED", "RPP_PROBE_NEW", "RPP_PROBE_ENV")
-    seen = [spawn.run_ranks(os.getenv, 1, n, env={"RPP_PROBE_ENV": "env="})[0] for n in names]
+    seen = [run(os.getenv, 1, n, env={"RPP_PROBE_ENV": "env="})[0] for n in names]
     print(first + [*seen])
 """)
 
